@@ -1,0 +1,18 @@
+//! Backend sets and backend selection for l4lb.
+//!
+//! Everything selection reads lives in one immutable [`PoolSnapshot`], published through a
+//! single `ArcSwap` per [`Pool`], so a reader never sees a half-updated pool. What changes
+//! per connection (active connections, health) lives in shared [`BackendState`] atomics that
+//! snapshots point at, so a health flip never rebuilds a snapshot and no selection takes a lock.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+
+mod algorithms;
+mod backend;
+mod flow_key;
+mod snapshot;
+
+pub use algorithms::Algorithm;
+pub use backend::{Backend, BackendHandle, BackendSpec, BackendState, Health, MAX_WEIGHT};
+pub use flow_key::{FlowKey, Protocol};
+pub use snapshot::{Pool, PoolError, PoolSnapshot};

@@ -1,0 +1,294 @@
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+
+use crate::algorithms::{Algorithm, TierSelector};
+use crate::backend::{Backend, BackendHandle, BackendSpec, BackendState, MAX_WEIGHT};
+use crate::flow_key::FlowKey;
+
+/// Why a pool could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    /// A pool needs at least one backend.
+    #[error("pool has no backends")]
+    Empty,
+    /// Weight outside 1..=MAX_WEIGHT.
+    #[error("backend {addr}: weight {weight} is outside 1..={MAX_WEIGHT}")]
+    Weight {
+        /// The backend.
+        addr: SocketAddr,
+        /// The rejected weight.
+        weight: u32,
+    },
+    /// The same address twice in one pool.
+    #[error("backend {0} is listed twice")]
+    Duplicate(SocketAddr),
+}
+
+/// Backends of one kind (primaries or backups) and the algorithm's state over them.
+#[derive(Debug)]
+struct Tier {
+    backends: Vec<Backend>,
+    selector: TierSelector,
+}
+
+impl Tier {
+    fn new(algorithm: Algorithm, backends: Vec<Backend>) -> Self {
+        let selector = TierSelector::build(algorithm, &backends);
+        Tier { backends, selector }
+    }
+
+    fn pick(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
+        if self.backends.is_empty() {
+            return None;
+        }
+        let eligible = |b: &Backend| b.state.is_usable() && !exclude.contains(&b.spec.addr);
+        let index = self.selector.pick(&self.backends, key, &eligible)?;
+        Some(BackendHandle::acquire(&self.backends[index].state))
+    }
+}
+
+/// Everything selection reads for one pool, immutable once built.
+#[derive(Debug)]
+pub struct PoolSnapshot {
+    algorithm: Algorithm,
+    primary: Tier,
+    backup: Tier,
+}
+
+impl PoolSnapshot {
+    /// Builds a snapshot. `carry` returns the existing state of a backend that was already
+    /// in the pool (on reload), so its health and counters survive.
+    pub fn build(
+        algorithm: Algorithm,
+        specs: &[BackendSpec],
+        carry: impl Fn(SocketAddr) -> Option<Arc<BackendState>>,
+    ) -> Result<Self, PoolError> {
+        if specs.is_empty() {
+            return Err(PoolError::Empty);
+        }
+        let mut seen = HashSet::new();
+        let mut primary = Vec::new();
+        let mut backup = Vec::new();
+        for spec in specs {
+            if spec.weight == 0 || spec.weight > MAX_WEIGHT {
+                return Err(PoolError::Weight {
+                    addr: spec.addr,
+                    weight: spec.weight,
+                });
+            }
+            if !seen.insert(spec.addr) {
+                return Err(PoolError::Duplicate(spec.addr));
+            }
+            let state = carry(spec.addr).unwrap_or_else(|| Arc::new(BackendState::new(spec.addr)));
+            let backend = Backend {
+                spec: spec.clone(),
+                state,
+            };
+            if spec.backup {
+                backup.push(backend);
+            } else {
+                primary.push(backend);
+            }
+        }
+        Ok(PoolSnapshot {
+            algorithm,
+            primary: Tier::new(algorithm, primary),
+            backup: Tier::new(algorithm, backup),
+        })
+    }
+
+    /// Selects a usable backend not in `exclude` (addresses already tried for this
+    /// connection). Backups are considered only when no primary qualifies.
+    pub fn select(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
+        self.primary
+            .pick(key, exclude)
+            .or_else(|| self.backup.pick(key, exclude))
+    }
+
+    /// The algorithm this snapshot was built for.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// All backends, primaries first.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.primary
+            .backends
+            .iter()
+            .chain(self.backup.backends.iter())
+    }
+}
+
+/// A named pool: the published snapshot readers load with one atomic operation.
+#[derive(Debug)]
+pub struct Pool {
+    name: String,
+    snapshot: ArcSwap<PoolSnapshot>,
+}
+
+impl Pool {
+    /// A pool publishing `snapshot`.
+    pub fn new(name: impl Into<String>, snapshot: PoolSnapshot) -> Self {
+        Pool {
+            name: name.into(),
+            snapshot: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Guard<Arc<PoolSnapshot>> {
+        self.snapshot.load()
+    }
+
+    /// Publishes a new snapshot; readers see either the old or the new one, whole.
+    pub fn publish(&self, snapshot: PoolSnapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// The state of the backend at `addr` in the current snapshot, if present.
+    pub fn backend_state(&self, addr: SocketAddr) -> Option<Arc<BackendState>> {
+        self.snapshot
+            .load()
+            .backends()
+            .find(|b| b.spec.addr == addr)
+            .map(|b| Arc::clone(&b.state))
+    }
+
+    /// Selects a backend; see [`PoolSnapshot::select`].
+    pub fn select(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
+        self.snapshot.load().select(key, exclude)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Health;
+    use crate::flow_key::Protocol;
+
+    fn spec(port: u16, weight: u32, backup: bool) -> BackendSpec {
+        BackendSpec {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            backup,
+        }
+    }
+
+    fn key() -> FlowKey {
+        FlowKey {
+            client: SocketAddr::from(([127, 0, 0, 2], 40000)),
+            local: SocketAddr::from(([127, 0, 0, 1], 80)),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn weighted_round_robin_spreads_by_weight() {
+        let snap = PoolSnapshot::build(
+            Algorithm::RoundRobin,
+            &[spec(1, 1, false), spec(2, 1, false), spec(3, 2, false)],
+            |_| None,
+        )
+        .unwrap();
+        let mut counts = [0u32; 4];
+        for _ in 0..4000 {
+            let h = snap.select(&key(), &[]).unwrap();
+            counts[h.addr().port() as usize] += 1;
+        }
+        assert_eq!(&counts[1..], &[1000, 1000, 2000]);
+    }
+
+    #[test]
+    fn handle_counts_active_connections() {
+        let snap =
+            PoolSnapshot::build(Algorithm::RoundRobin, &[spec(1, 1, false)], |_| None).unwrap();
+        let h1 = snap.select(&key(), &[]).unwrap();
+        let h2 = snap.select(&key(), &[]).unwrap();
+        assert_eq!(h1.state().active(), 2);
+        drop(h1);
+        assert_eq!(h2.state().active(), 1);
+        assert_eq!(h2.state().total(), 2);
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_usable() {
+        let snap = PoolSnapshot::build(
+            Algorithm::RoundRobin,
+            &[spec(1, 1, false), spec(2, 1, false), spec(9, 1, true)],
+            |_| None,
+        )
+        .unwrap();
+        for _ in 0..10 {
+            assert_ne!(snap.select(&key(), &[]).unwrap().addr().port(), 9);
+        }
+        let primaries: Vec<_> = snap.backends().filter(|b| !b.spec.backup).collect();
+        primaries[0].state.set_health(Health::Down);
+        primaries[1].state.set_health(Health::Draining);
+        for _ in 0..10 {
+            assert_eq!(snap.select(&key(), &[]).unwrap().addr().port(), 9);
+        }
+        primaries[1].state.set_health(Health::Up);
+        assert_eq!(snap.select(&key(), &[]).unwrap().addr().port(), 2);
+    }
+
+    #[test]
+    fn excluded_backends_are_skipped_and_exhaustion_is_none() {
+        let snap = PoolSnapshot::build(
+            Algorithm::RoundRobin,
+            &[spec(1, 1, false), spec(2, 1, false)],
+            |_| None,
+        )
+        .unwrap();
+        let a = snap.select(&key(), &[]).unwrap().addr();
+        let b = snap.select(&key(), &[a]).unwrap().addr();
+        assert_ne!(a, b);
+        assert!(snap.select(&key(), &[a, b]).is_none());
+    }
+
+    #[test]
+    fn bad_pools_are_rejected() {
+        assert_eq!(
+            PoolSnapshot::build(Algorithm::RoundRobin, &[], |_| None).unwrap_err(),
+            PoolError::Empty
+        );
+        assert!(matches!(
+            PoolSnapshot::build(Algorithm::RoundRobin, &[spec(1, 0, false)], |_| None),
+            Err(PoolError::Weight { .. })
+        ));
+        assert!(matches!(
+            PoolSnapshot::build(
+                Algorithm::RoundRobin,
+                &[spec(1, 1, false), spec(1, 2, false)],
+                |_| None
+            ),
+            Err(PoolError::Duplicate(_))
+        ));
+    }
+
+    #[test]
+    fn carried_state_survives_a_rebuild() {
+        let old =
+            PoolSnapshot::build(Algorithm::RoundRobin, &[spec(1, 1, false)], |_| None).unwrap();
+        let state = Arc::clone(&old.backends().next().unwrap().state);
+        state.set_health(Health::Down);
+        let new = PoolSnapshot::build(
+            Algorithm::RoundRobin,
+            &[spec(1, 1, false), spec(2, 1, false)],
+            |addr| {
+                old.backends()
+                    .find(|b| b.spec.addr == addr)
+                    .map(|b| b.state.clone())
+            },
+        )
+        .unwrap();
+        assert_eq!(new.backends().next().unwrap().state.health(), Health::Down);
+    }
+}

@@ -1,0 +1,39 @@
+//! Connecting to a backend, with a timeout and an error that says what went wrong.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Why a backend connection could not be made. Passive health and retries use the kind;
+/// logs use the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The backend answered the SYN with a RST: nothing listens there.
+    #[error("connect refused")]
+    Refused,
+    /// No answer within the connect timeout.
+    #[error("connect timeout after {0:?}")]
+    Timeout(Duration),
+    /// Anything else (unreachable network, no local ports, ...).
+    #[error("connect failed: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// Connects to `addr` within `timeout`, with `TCP_NODELAY` set: l4lb forwards what it
+/// receives at once and must not add Nagle delays of its own.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(ConnectError::Io)?;
+    socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),
+        Ok(Err(e)) => Err(ConnectError::Io(e)),
+        Err(_) => Err(ConnectError::Timeout(timeout)),
+    }
+}

@@ -1,0 +1,15 @@
+//! The l4lb data path: listeners, admission, the TCP relay (zero-copy `splice(2)` with a
+//! userspace-copy fallback) and PROXY protocol. It knows nothing about YAML: the binary
+//! builds the typed settings here from its config.
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![deny(unsafe_code)]
+
+pub mod admission;
+pub mod connect;
+pub mod listener;
+mod pipe_pool;
+pub mod proxy_protocol;
+pub mod relay;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod tcp;

@@ -1,0 +1,52 @@
+//! Listening sockets: one `SO_REUSEPORT` socket per worker, so the kernel spreads new
+//! connections over workers and no accept lock or cross-thread wake-up is needed.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Backlog asked for each listening socket (the kernel caps it at `somaxconn`).
+pub const BACKLOG: i32 = 4096;
+
+/// Binds `count` TCP listening sockets sharing one address with `SO_REUSEPORT`. When
+/// `addr` has port 0, the first socket picks the port and the others join it.
+pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        if addr.port() == 0 {
+            addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("listener has no socket address"))?;
+        }
+        sockets.push(socket.into());
+    }
+    Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_is_shared_by_every_worker_socket() {
+        let sockets = bind_tcp("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let ports: Vec<u16> = sockets
+            .iter()
+            .map(|s| s.local_addr().unwrap().port())
+            .collect();
+        assert_ne!(ports[0], 0);
+        assert!(ports.iter().all(|&p| p == ports[0]));
+    }
+}

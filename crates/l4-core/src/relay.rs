@@ -1,0 +1,364 @@
+//! The TCP relay: moves bytes both ways between a client and a backend until both
+//! directions have ended, one side fails, or the connection sits idle too long.
+//!
+//! Each direction is pumped independently, so a FIN from one side is passed on as a FIN
+//! (`shutdown(SHUT_WR)`) while the other direction keeps flowing: half-closed connections
+//! behave as if l4lb were not there. A reset or error on one side resets the other.
+//!
+//! On Linux the bytes go socket -> pipe -> socket with `splice(2)` and never enter user
+//! space. The rules that keep this simple and correct:
+//! - read from a socket into a pipe only when the pipe is empty, so `EAGAIN` on a fill
+//!   always means "the socket has nothing", never "the pipe is full";
+//! - an idle direction holds no pipe: it takes one from the worker's pool when its socket
+//!   turns readable and returns it once drained;
+//! - if splice is refused (`EINVAL`, `ENOSYS`, ...) or no pipe can be had, the direction
+//!   falls back to a userspace copy, but only before its first byte has moved.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::pipe_pool;
+
+/// How bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// `splice(2)` through a pipe; falls back to copying where splice is unavailable.
+    #[default]
+    Splice,
+    /// Userspace copy through a buffer.
+    Copy,
+}
+
+/// Per-connection relay settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    /// Splice or copy.
+    pub mode: RelayMode,
+    /// Close the connection after this long with no byte in either direction.
+    pub idle_timeout: Duration,
+}
+
+/// One of the two peers of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The downstream peer that connected to l4lb.
+    Client,
+    /// The upstream server l4lb connected to.
+    Backend,
+}
+
+impl Side {
+    /// Lower-case name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions finished with a FIN.
+    Closed,
+    /// This side reset the connection or failed; the other side was reset in turn.
+    Reset(Side),
+    /// No traffic in either direction for `idle_timeout`.
+    IdleTimeout,
+}
+
+impl RelayEnd {
+    /// Short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayEnd::Closed => "closed",
+            RelayEnd::Reset(Side::Client) => "client_reset",
+            RelayEnd::Reset(Side::Backend) => "backend_reset",
+            RelayEnd::IdleTimeout => "idle_timeout",
+        }
+    }
+}
+
+/// What happened on a relayed connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayReport {
+    /// Bytes moved from the client to the backend.
+    pub client_to_backend: u64,
+    /// Bytes moved from the backend to the client.
+    pub backend_to_client: u64,
+    /// How it ended.
+    pub end: RelayEnd,
+    /// The I/O error behind a reset, if any.
+    pub error: Option<io::ErrorKind>,
+    /// Whether every byte moved with splice (false once either direction fell back).
+    pub spliced: bool,
+}
+
+/// Counters the two directions share with the relay and its idle watch.
+#[derive(Debug)]
+struct Progress {
+    start: Instant,
+    client_to_backend: AtomicU64,
+    backend_to_client: AtomicU64,
+    /// Milliseconds after `start` of the last byte moved either way.
+    last_activity_ms: AtomicU64,
+    copied: AtomicU64,
+}
+
+impl Progress {
+    fn add(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed)) + idle
+    }
+}
+
+/// A direction stopped because of an I/O error on one side.
+#[derive(Debug)]
+struct PumpError {
+    side: Side,
+    error: io::Error,
+}
+
+/// Splice cannot be used for this direction; nothing has moved yet.
+#[derive(Debug)]
+struct SpliceUnavailable;
+
+/// One direction: `from` -> `to`.
+struct Direction<'a> {
+    from: &'a TcpStream,
+    from_side: Side,
+    to: &'a TcpStream,
+    to_side: Side,
+    counter: &'a AtomicU64,
+    progress: &'a Progress,
+}
+
+const COPY_BUFFER: usize = 64 * 1024;
+
+impl Direction<'_> {
+    fn fail_from(&self, error: io::Error) -> PumpError {
+        PumpError {
+            side: self.from_side,
+            error,
+        }
+    }
+
+    fn fail_to(&self, error: io::Error) -> PumpError {
+        PumpError {
+            side: self.to_side,
+            error,
+        }
+    }
+
+    /// Passes the end of stream on: the peer sees a FIN while the other direction may
+    /// still be flowing. A peer that has already gone (ENOTCONN) needs nothing more.
+    fn finish(&self) {
+        let _ = socket2::SockRef::from(self.to).shutdown(Shutdown::Write);
+    }
+
+    async fn run(&self, mode: RelayMode) -> Result<(), PumpError> {
+        if mode == RelayMode::Splice {
+            match self.splice().await {
+                Ok(result) => return result,
+                Err(SpliceUnavailable) => {
+                    self.progress.copied.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.copy().await
+    }
+
+    async fn splice(&self) -> Result<Result<(), PumpError>, SpliceUnavailable> {
+        let mut moved_any = false;
+        loop {
+            // Idle: wait for data without holding a pipe.
+            if let Err(e) = self.from.readable().await {
+                return Ok(Err(self.fail_from(e)));
+            }
+            let pipe = match pipe_pool::take() {
+                Ok(pipe) => pipe,
+                Err(_) if !moved_any => return Err(SpliceUnavailable),
+                Err(e) => return Ok(Err(self.fail_from(e))),
+            };
+            loop {
+                let filled = self.from.try_io(Interest::READABLE, || {
+                    pipe.fill_from(self.from.as_fd(), pipe.capacity())
+                });
+                let n = match filled {
+                    Ok(0) => {
+                        pipe_pool::give_back(pipe);
+                        self.finish();
+                        return Ok(Ok(()));
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        pipe_pool::give_back(pipe);
+                        break;
+                    }
+                    Err(e) if !moved_any && splice_unsupported(&e) => {
+                        pipe_pool::give_back(pipe);
+                        return Err(SpliceUnavailable);
+                    }
+                    Err(e) => {
+                        pipe_pool::give_back(pipe);
+                        return Ok(Err(self.fail_from(e)));
+                    }
+                };
+                moved_any = true;
+                let mut left = n;
+                while left > 0 {
+                    let drained = self
+                        .to
+                        .try_io(Interest::WRITABLE, || pipe.drain_to(self.to.as_fd(), left));
+                    match drained {
+                        Ok(0) => {
+                            // The pipe holds bytes, so 0 can only mean the peer is gone.
+                            let e = io::Error::from(io::ErrorKind::WriteZero);
+                            return Ok(Err(self.fail_to(e)));
+                        }
+                        Ok(m) => left -= m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if let Err(e) = self.to.writable().await {
+                                return Ok(Err(self.fail_to(e)));
+                            }
+                        }
+                        // The pipe still holds bytes: it is dropped (closed), not pooled.
+                        Err(e) => return Ok(Err(self.fail_to(e))),
+                    }
+                }
+                self.progress.add(self.counter, n);
+            }
+        }
+    }
+
+    async fn copy(&self) -> Result<(), PumpError> {
+        let mut buf = Vec::new();
+        loop {
+            self.from.readable().await.map_err(|e| self.fail_from(e))?;
+            if buf.is_empty() {
+                // Allocated on first data, so an idle connection costs no buffer.
+                buf = vec![0u8; COPY_BUFFER];
+            }
+            let n = match self.from.try_read(&mut buf) {
+                Ok(0) => {
+                    self.finish();
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(self.fail_from(e)),
+            };
+            let mut written = 0;
+            while written < n {
+                match self.to.try_write(&buf[written..n]) {
+                    Ok(0) => return Err(self.fail_to(io::Error::from(io::ErrorKind::WriteZero))),
+                    Ok(m) => written += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.to.writable().await.map_err(|e| self.fail_to(e))?;
+                    }
+                    Err(e) => return Err(self.fail_to(e)),
+                }
+            }
+            self.progress.add(self.counter, n);
+        }
+    }
+}
+
+/// Errors that mean "this pair of file descriptors cannot be spliced" rather than
+/// "the connection failed".
+fn splice_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+/// Resets a socket: closing it with a zero linger sends RST instead of FIN.
+fn abort(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Relays between `client` and `backend` until the connection ends, then closes both.
+pub async fn relay(client: TcpStream, backend: TcpStream, options: RelayOptions) -> RelayReport {
+    let progress = Progress {
+        start: Instant::now(),
+        client_to_backend: AtomicU64::new(0),
+        backend_to_client: AtomicU64::new(0),
+        last_activity_ms: AtomicU64::new(0),
+        copied: AtomicU64::new(0),
+    };
+    let upstream = Direction {
+        from: &client,
+        from_side: Side::Client,
+        to: &backend,
+        to_side: Side::Backend,
+        counter: &progress.client_to_backend,
+        progress: &progress,
+    };
+    let downstream = Direction {
+        from: &backend,
+        from_side: Side::Backend,
+        to: &client,
+        to_side: Side::Client,
+        counter: &progress.backend_to_client,
+        progress: &progress,
+    };
+    let up = upstream.run(options.mode);
+    let down = downstream.run(options.mode);
+    let idle = async {
+        loop {
+            let deadline = progress.idle_deadline(options.idle_timeout);
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::pin!(up, down, idle);
+
+    let (mut up_done, mut down_done) = (false, false);
+    let (end, error) = loop {
+        tokio::select! {
+            result = &mut up, if !up_done => match result {
+                Ok(()) => up_done = true,
+                Err(e) => break (RelayEnd::Reset(e.side), Some(e.error)),
+            },
+            result = &mut down, if !down_done => match result {
+                Ok(()) => down_done = true,
+                Err(e) => break (RelayEnd::Reset(e.side), Some(e.error)),
+            },
+            () = &mut idle => break (RelayEnd::IdleTimeout, None),
+        }
+        if up_done && down_done {
+            break (RelayEnd::Closed, None);
+        }
+    };
+    if let RelayEnd::Reset(side) = end {
+        // Pass the failure on: the surviving peer gets a RST, not a clean FIN that could
+        // make a truncated response look complete.
+        match side {
+            Side::Client => abort(&backend),
+            Side::Backend => abort(&client),
+        }
+    }
+    RelayReport {
+        client_to_backend: progress.client_to_backend.load(Ordering::Relaxed),
+        backend_to_client: progress.backend_to_client.load(Ordering::Relaxed),
+        end,
+        error: error.map(|e| e.kind()),
+        spliced: options.mode == RelayMode::Splice && progress.copied.load(Ordering::Relaxed) == 0,
+    }
+}

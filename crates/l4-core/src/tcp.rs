@@ -1,0 +1,152 @@
+//! A TCP listener's service: accept, admit, pick a backend, connect (with retries), send
+//! the PROXY header, relay, and log one event when the connection ends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use l4_balance::{BackendHandle, FlowKey, Pool, Protocol};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::admission::{AccessList, ConnectionLimit};
+use crate::connect::{connect, ConnectError};
+use crate::proxy_protocol::{self, ProxyProtocol, Transport};
+use crate::relay::{relay, RelayOptions};
+
+/// Everything a TCP listener needs to serve a connection. Shared by all its workers.
+#[derive(Debug)]
+pub struct TcpService {
+    /// The listener's name, for logs.
+    pub name: Arc<str>,
+    /// Where connections go.
+    pub pool: Arc<Pool>,
+    /// Limit for each connect attempt.
+    pub connect_timeout: Duration,
+    /// Further backends to try after a failed connect.
+    pub retries: u32,
+    /// Relay settings.
+    pub relay: RelayOptions,
+    /// Who may connect.
+    pub access: AccessList,
+    /// How many may be connected at once, across workers.
+    pub limit: Arc<ConnectionLimit>,
+    /// Header sent to backends.
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// Accepts on `listener` until `stop` is cancelled; every connection runs as a task on
+/// `tracker`, so the caller can wait for them to drain. The listening socket is closed on
+/// return, so the kernel stops queueing new connections for this worker.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<TcpService>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let local = client.local_addr().ok().or(local);
+                let Some(local) = local else { continue };
+                let span = info_span!("conn", listener = %service.name, client = %peer);
+                tracker.spawn(handle(Arc::clone(&service), client, peer, local).instrument(span));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                // Out of fds or memory: accepting again at once would spin. Back off
+                // briefly; queued clients wait in the backlog meanwhile.
+                warn!(listener = %service.name, error = %e, "accept failed, pausing accepts");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => debug!(listener = %service.name, error = %e, "accept failed"),
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
+async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    if !service.access.admits(peer.ip()) {
+        debug!("rejected by access list");
+        return;
+    }
+    let Some(_slot) = service.limit.try_acquire() else {
+        debug!("rejected: max_connections reached");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let started = Instant::now();
+    let key = FlowKey {
+        client: peer,
+        local,
+        protocol: Protocol::Tcp,
+    };
+    let (mut backend, handle) = match connect_backend(&service, &key).await {
+        Ok(connected) => connected,
+        Err(attempts) => {
+            info!(attempts, "no backend reachable, closing client");
+            return;
+        }
+    };
+    let backend_addr = handle.addr();
+    if service.proxy_protocol != ProxyProtocol::Off {
+        let header = proxy_protocol::encode(service.proxy_protocol, Transport::Stream, peer, local);
+        if let Err(e) = backend.write_all(&header).await {
+            info!(backend = %backend_addr, error = %e, "could not send PROXY header");
+            return;
+        }
+    }
+    let report = relay(client, backend, service.relay).await;
+    info!(
+        backend = %backend_addr,
+        bytes_in = report.client_to_backend,
+        bytes_out = report.backend_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        end = report.end.as_str(),
+        error = ?report.error,
+        spliced = report.spliced,
+        "connection closed"
+    );
+    drop(handle);
+}
+
+/// Connects to a backend chosen by the pool, trying up to `retries` other backends when
+/// one refuses or times out. Returns the number of attempts made when all failed.
+async fn connect_backend(
+    service: &TcpService,
+    key: &FlowKey,
+) -> Result<(TcpStream, BackendHandle), u32> {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    for _ in 0..=service.retries {
+        let Some(handle) = service.pool.select(key, &tried) else {
+            break;
+        };
+        let addr = handle.addr();
+        match connect(addr, service.connect_timeout).await {
+            Ok(stream) => return Ok((stream, handle)),
+            Err(e) => {
+                handle.state().record_connect_failure();
+                let level_is_timeout = matches!(e, ConnectError::Timeout(_));
+                info!(backend = %addr, error = %e, timeout = level_is_timeout, "backend connect failed");
+                tried.push(addr);
+            }
+        }
+    }
+    Err(tried.len() as u32)
+}

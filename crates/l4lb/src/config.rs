@@ -1,0 +1,670 @@
+//! The YAML config: raw structs as written (unknown keys rejected), then validated into a
+//! typed model. Validation collects every error with its path (`pools[0].backends[2].address:
+//! ...`) instead of stopping at the first, so `--check` shows everything to fix at once.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use l4_balance::{Algorithm, BackendSpec, MAX_WEIGHT};
+use l4_core::admission::AccessList;
+use l4_core::proxy_protocol::ProxyProtocol;
+use l4_core::relay::RelayMode;
+use serde::Deserialize;
+
+/// Defaults applied where neither a listener nor `defaults:` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_RETRIES: u32 = 2;
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+
+// ---------------------------------------------------------------------------------------
+// Raw: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    workers: Option<usize>,
+    admin: Option<String>,
+    drain_timeout: Option<RawDuration>,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
+    #[serde(default)]
+    pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    connect_timeout: Option<RawDuration>,
+    idle_timeout: Option<RawDuration>,
+    retries: Option<u32>,
+    relay: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    bind: String,
+    protocol: Option<String>,
+    pool: Option<String>,
+    proxy_protocol: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<RawDuration>,
+    idle_timeout: Option<RawDuration>,
+    retries: Option<u32>,
+    relay: Option<String>,
+    sni: Option<Vec<RawSniRoute>>,
+    max_flows: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSniRoute {
+    #[serde(rename = "match")]
+    pattern: String,
+    pool: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    algorithm: Option<String>,
+    hash: Option<String>,
+    health: Option<RawHealth>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<RawDuration>,
+    timeout: Option<RawDuration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    weight: Option<u32>,
+    #[serde(default)]
+    backup: bool,
+}
+
+/// A duration as written: `3s`, `500ms`, `1m 30s`. A bare number is kept so that the
+/// error can say why it is refused instead of a generic type error.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Text(String),
+    Number(serde_yaml_ng::Number),
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated model.
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Worker threads, each with its own listening sockets.
+    pub workers: usize,
+    /// How long live connections may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Listeners, in file order.
+    pub listeners: Vec<Listener>,
+    /// Pools, in file order.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// TCP connections.
+    Tcp,
+}
+
+/// A validated listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Unique name.
+    pub name: String,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// TCP (UDP arrives with its own issue).
+    pub protocol: ListenerProtocol,
+    /// The pool that receives this listener's connections.
+    pub pool: String,
+    /// Header sent to backends.
+    pub proxy_protocol: ProxyProtocol,
+    /// Source address rules.
+    pub access: AccessList,
+    /// Concurrent connections at most, across workers.
+    pub max_connections: usize,
+    /// Per-attempt connect limit.
+    pub connect_timeout: Duration,
+    /// Close after this long without traffic.
+    pub idle_timeout: Duration,
+    /// Other backends to try when a connect fails.
+    pub retries: u32,
+    /// Splice or copy.
+    pub relay: RelayMode,
+}
+
+/// A validated pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Unique name.
+    pub name: String,
+    /// Selection algorithm.
+    pub algorithm: Algorithm,
+    /// Backends in file order.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// One problem found in the config, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where: `listeners[1].bind`, or empty for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Parses and validates a config file's text.
+pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
+        // serde_yaml_ng's message already carries the path and the line and column.
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: e.to_string(),
+        }])
+    })?;
+    Validator::default().validate(raw)
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, raw: Option<&RawDuration>) -> Option<Duration> {
+        let raw = raw?;
+        let parsed = match raw {
+            RawDuration::Text(text) => humantime::parse_duration(text.trim())
+                .map_err(|e| format!("invalid duration {text:?}: {e} (write e.g. 3s, 500ms, 10m)")),
+            RawDuration::Number(n) => Err(format!(
+                "duration {n} has no unit (write e.g. {n}s or {n}ms)"
+            )),
+        };
+        match parsed {
+            Ok(d) if d.is_zero() => {
+                self.error(path, "must be greater than zero");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(message) => {
+                self.error(path, message);
+                None
+            }
+        }
+    }
+
+    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let workers = match raw.workers {
+            Some(0) => {
+                self.error("workers", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if let Some(admin) = &raw.admin {
+            self.error(
+                "admin",
+                format!("the admin endpoint ({admin}) is not available in this version yet"),
+            );
+        }
+        let drain_timeout = self
+            .duration("drain_timeout", raw.drain_timeout.as_ref())
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let d = &raw.defaults;
+        let default_connect = self
+            .duration("defaults.connect_timeout", d.connect_timeout.as_ref())
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let default_idle = self
+            .duration("defaults.idle_timeout", d.idle_timeout.as_ref())
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let default_retries = d.retries.unwrap_or(DEFAULT_RETRIES);
+        let default_relay = self
+            .relay_mode("defaults.relay", d.relay.as_deref())
+            .unwrap_or_default();
+
+        let pools = self.pools(&raw.pools);
+        let pool_names: HashSet<&str> = raw.pools.iter().map(|p| p.name.as_str()).collect();
+
+        if raw.listeners.is_empty() {
+            self.error("listeners", "at least one listener is needed");
+        }
+        let mut names = HashSet::new();
+        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let path = format!("listeners[{i}]");
+            if l.name.trim().is_empty() {
+                self.error(format!("{path}.name"), "must not be empty");
+            } else if !names.insert(l.name.as_str()) {
+                self.error(
+                    format!("{path}.name"),
+                    format!("duplicate listener name {:?}", l.name),
+                );
+            }
+            let bind = match l.bind.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if let Some(first) = binds.insert(addr, i) {
+                        self.error(
+                            format!("{path}.bind"),
+                            format!("{addr} is already bound by listeners[{first}]"),
+                        );
+                    }
+                    Some(addr)
+                }
+                Err(_) => {
+                    self.error(
+                        format!("{path}.bind"),
+                        format!(
+                            "invalid socket address {:?} (write ip:port, [ipv6]:port)",
+                            l.bind
+                        ),
+                    );
+                    None
+                }
+            };
+            let protocol = match l.protocol.as_deref().unwrap_or("tcp") {
+                "tcp" => Some(ListenerProtocol::Tcp),
+                "udp" => {
+                    self.error(
+                        format!("{path}.protocol"),
+                        "udp listeners are not available in this version yet",
+                    );
+                    None
+                }
+                other => {
+                    self.error(
+                        format!("{path}.protocol"),
+                        format!("unknown protocol {other:?} (expected tcp or udp)"),
+                    );
+                    None
+                }
+            };
+            if let Some(routes) = &l.sni {
+                for (j, route) in routes.iter().enumerate() {
+                    if !pool_names.contains(route.pool.as_str()) {
+                        self.error(
+                            format!("{path}.sni[{j}].pool"),
+                            format!("no pool named {:?}", route.pool),
+                        );
+                    }
+                    if route.pattern.trim().is_empty() {
+                        self.error(format!("{path}.sni[{j}].match"), "must not be empty");
+                    }
+                }
+                self.error(
+                    format!("{path}.sni"),
+                    "SNI routing is not available in this version yet",
+                );
+            }
+            if l.max_flows.is_some() {
+                self.error(
+                    format!("{path}.max_flows"),
+                    "max_flows applies to udp listeners only",
+                );
+            }
+            let pool = match &l.pool {
+                Some(pool) if pool_names.contains(pool.as_str()) => Some(pool.clone()),
+                Some(pool) => {
+                    self.error(format!("{path}.pool"), format!("no pool named {pool:?}"));
+                    None
+                }
+                None => {
+                    self.error(format!("{path}.pool"), "a listener needs a pool");
+                    None
+                }
+            };
+            let proxy_protocol = match l.proxy_protocol.as_deref().unwrap_or("off") {
+                "off" => Some(ProxyProtocol::Off),
+                "v1" => Some(ProxyProtocol::V1),
+                "v2" => Some(ProxyProtocol::V2),
+                other => {
+                    self.error(
+                        format!("{path}.proxy_protocol"),
+                        format!("unknown value {other:?} (expected off, v1 or v2)"),
+                    );
+                    None
+                }
+            };
+            let allow = self.networks(&format!("{path}.allow"), &l.allow);
+            let deny = self.networks(&format!("{path}.deny"), &l.deny);
+            let max_connections = match l.max_connections {
+                Some(0) => {
+                    self.error(format!("{path}.max_connections"), "must be at least 1");
+                    1
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_CONNECTIONS,
+            };
+            let connect_timeout = self
+                .duration(
+                    &format!("{path}.connect_timeout"),
+                    l.connect_timeout.as_ref(),
+                )
+                .unwrap_or(default_connect);
+            let idle_timeout = self
+                .duration(&format!("{path}.idle_timeout"), l.idle_timeout.as_ref())
+                .unwrap_or(default_idle);
+            let relay = self
+                .relay_mode(&format!("{path}.relay"), l.relay.as_deref())
+                .unwrap_or(default_relay);
+            if let (Some(bind), Some(protocol), Some(pool), Some(proxy_protocol)) =
+                (bind, protocol, pool, proxy_protocol)
+            {
+                listeners.push(Listener {
+                    name: l.name.clone(),
+                    bind,
+                    protocol,
+                    pool,
+                    proxy_protocol,
+                    access: AccessList { allow, deny },
+                    max_connections,
+                    connect_timeout,
+                    idle_timeout,
+                    retries: l.retries.unwrap_or(default_retries),
+                    relay,
+                });
+            }
+        }
+
+        if self.errors.is_empty() {
+            Ok(Config {
+                workers,
+                drain_timeout,
+                listeners,
+                pools,
+            })
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    fn relay_mode(&mut self, path: &str, raw: Option<&str>) -> Option<RelayMode> {
+        match raw? {
+            "splice" => Some(RelayMode::Splice),
+            "copy" => Some(RelayMode::Copy),
+            other => {
+                self.error(
+                    path,
+                    format!("unknown relay {other:?} (expected splice or copy)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn networks(&mut self, path: &str, raw: &[String]) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for (i, text) in raw.iter().enumerate() {
+            // A bare address means that one host.
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => nets.push(net),
+                Err(_) => self.error(
+                    format!("{path}[{i}]"),
+                    format!("invalid network {text:?} (write e.g. 10.0.0.0/8)"),
+                ),
+            }
+        }
+        nets
+    }
+
+    fn pools(&mut self, raw: &[RawPool]) -> Vec<PoolConfig> {
+        let mut names = HashSet::new();
+        let mut pools = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let path = format!("pools[{i}]");
+            if p.name.trim().is_empty() {
+                self.error(format!("{path}.name"), "must not be empty");
+            } else if !names.insert(p.name.as_str()) {
+                self.error(
+                    format!("{path}.name"),
+                    format!("duplicate pool name {:?}", p.name),
+                );
+            }
+            let algorithm = match p.algorithm.as_deref().unwrap_or("round_robin") {
+                "round_robin" => Some(Algorithm::RoundRobin),
+                known @ ("least_conn" | "p2c" | "least_time" | "source_hash" | "maglev") => {
+                    self.error(
+                        format!("{path}.algorithm"),
+                        format!("{known} is not available in this version yet (use round_robin)"),
+                    );
+                    None
+                }
+                other => {
+                    self.error(format!("{path}.algorithm"), format!("unknown algorithm {other:?} (expected round_robin, least_conn, p2c, least_time, source_hash or maglev)"));
+                    None
+                }
+            };
+            if p.hash.is_some() {
+                self.error(format!("{path}.hash"), "hash keys apply to source_hash and maglev, which are not available in this version yet");
+            }
+            if let Some(h) = &p.health {
+                self.duration(&format!("{path}.health.interval"), h.interval.as_ref());
+                self.duration(&format!("{path}.health.timeout"), h.timeout.as_ref());
+                let _ = (h.rise, h.fall, h.port);
+                self.error(
+                    format!("{path}.health"),
+                    "active health checks are not available in this version yet",
+                );
+            }
+            if p.backends.is_empty() {
+                self.error(
+                    format!("{path}.backends"),
+                    "a pool needs at least one backend",
+                );
+            }
+            let mut seen = HashSet::new();
+            let mut backends = Vec::new();
+            for (j, b) in p.backends.iter().enumerate() {
+                let bpath = format!("{path}.backends[{j}]");
+                let addr = match b.address.parse::<SocketAddr>() {
+                    Ok(addr) => {
+                        if !seen.insert(addr) {
+                            self.error(
+                                format!("{bpath}.address"),
+                                format!("{addr} is listed twice in this pool"),
+                            );
+                        }
+                        Some(addr)
+                    }
+                    Err(_) => {
+                        self.error(
+                            format!("{bpath}.address"),
+                            format!(
+                                "invalid socket address {:?} (write ip:port, [ipv6]:port)",
+                                b.address
+                            ),
+                        );
+                        None
+                    }
+                };
+                let weight = b.weight.unwrap_or(1);
+                if weight == 0 || weight > MAX_WEIGHT {
+                    self.error(
+                        format!("{bpath}.weight"),
+                        format!("{weight} is outside 1..={MAX_WEIGHT}"),
+                    );
+                }
+                if let Some(addr) = addr {
+                    backends.push(BackendSpec {
+                        addr,
+                        weight: weight.clamp(1, MAX_WEIGHT),
+                        backup: b.backup,
+                    });
+                }
+            }
+            if let Some(algorithm) = algorithm {
+                pools.push(PoolConfig {
+                    name: p.name.clone(),
+                    algorithm,
+                    backends,
+                });
+            }
+        }
+        pools
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workers: 2
+drain_timeout: 5s
+defaults: { connect_timeout: 1s, idle_timeout: 10m, retries: 1 }
+listeners:
+  - { name: web, bind: "127.0.0.1:8080", pool: web, proxy_protocol: v2, allow: [127.0.0.0/8, "::1"] }
+pools:
+  - name: web
+    backends:
+      - { address: "127.0.0.1:8081", weight: 2 }
+      - { address: "127.0.0.1:8082", backup: true }
+"#;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults_applied() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        let l = &c.listeners[0];
+        assert_eq!(l.connect_timeout, Duration::from_secs(1));
+        assert_eq!(l.retries, 1);
+        assert_eq!(l.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(l.access.allow.len(), 2);
+        assert_eq!(c.pools[0].backends[0].weight, 2);
+        assert!(c.pools[0].backends[1].backup);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let e = errors(
+            r#"
+listeners:
+  - { name: a, bind: "nope", pool: missing }
+  - { name: a, bind: "127.0.0.1:1", pool: p, connect_timeout: 0s, idle_timeout: soon }
+pools:
+  - { name: p, backends: [ { address: "10.0.0.1" }, { address: "10.0.0.2:80", weight: 0 } ] }
+  - { name: p, backends: [] }
+"#,
+        );
+        let expected = [
+            "listeners[0].bind: invalid socket address \"nope\"",
+            "listeners[0].pool: no pool named \"missing\"",
+            "listeners[1].name: duplicate listener name \"a\"",
+            "listeners[1].connect_timeout: must be greater than zero",
+            "listeners[1].idle_timeout: invalid duration \"soon\"",
+            "pools[0].backends[0].address: invalid socket address \"10.0.0.1\"",
+            "pools[0].backends[1].weight: 0 is outside 1..=256",
+            "pools[1].name: duplicate pool name \"p\"",
+            "pools[1].backends: a pool needs at least one backend",
+        ];
+        for want in expected {
+            assert!(
+                e.iter().any(|got| got.starts_with(want)),
+                "missing {want:?} in {e:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_a_line() {
+        let e =
+            errors("listeners:\n  - name: a\n    bind: 127.0.0.1:1\n    pool: p\n    bnid: x\n");
+        assert!(e[0].contains("unknown field `bnid`"), "{e:?}");
+        assert!(e[0].contains("line 5"), "{e:?}");
+    }
+
+    #[test]
+    fn bare_numbers_as_durations_are_explained() {
+        let text = GOOD.replace("connect_timeout: 1s", "connect_timeout: 3");
+        let e = errors(&text);
+        assert_eq!(
+            e,
+            vec!["defaults.connect_timeout: duration 3 has no unit (write e.g. 3s or 3ms)"]
+        );
+    }
+}

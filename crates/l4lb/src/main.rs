@@ -1,0 +1,73 @@
+//! l4lb: a Layer-4 TCP/UDP load balancer. This binary only reads the config, wires the
+//! crates together and handles process life (signals, drain).
+#![forbid(unsafe_code)]
+
+mod config;
+mod runtime;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// A Layer-4 TCP/UDP load balancer.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The YAML config file.
+    #[arg(short, long, default_value = "config/l4lb.yaml")]
+    config: PathBuf,
+    /// Validate the config, print every error with its path, and exit (0 when valid).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let text = match std::fs::read_to_string(&cli.config) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: {e}", cli.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match config::parse(&text) {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{}: {e}", cli.config.display());
+            }
+            eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check {
+        println!(
+            "{}: configuration ok ({} listener(s), {} pool(s))",
+            cli.config.display(),
+            config.listeners.len(),
+            config.pools.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    match runtime::run(config).context("l4lb failed") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("L4LB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

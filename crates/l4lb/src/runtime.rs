@@ -1,0 +1,166 @@
+//! Process wiring: pools, listening sockets, worker threads, signals and drain.
+//!
+//! Each worker is a single-threaded tokio runtime on its own thread with its own
+//! `SO_REUSEPORT` socket per listener: the kernel spreads connections over workers and a
+//! connection lives on one thread from accept to close. Signals are handled on the main
+//! thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use l4_balance::{Pool, PoolSnapshot};
+use l4_core::admission::ConnectionLimit;
+use l4_core::listener::bind_tcp;
+use l4_core::relay::RelayOptions;
+use l4_core::tcp::{serve, TcpService};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ListenerProtocol};
+
+/// Runs until SIGTERM or SIGINT, then drains and returns.
+pub fn run(config: Config) -> Result<()> {
+    match l4_core::sys::raise_nofile_limit() {
+        Ok(limit) => info!(nofile = limit, "open file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open file limit"),
+    }
+
+    let mut pools = HashMap::new();
+    for p in &config.pools {
+        let snapshot = PoolSnapshot::build(p.algorithm, &p.backends, |_| None)
+            .with_context(|| format!("pool {}", p.name))?;
+        pools.insert(
+            p.name.clone(),
+            Arc::new(Pool::new(p.name.clone(), snapshot)),
+        );
+    }
+
+    // Bind everything before starting any worker, so a bad address fails the start.
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let pool = pools
+            .get(&l.pool)
+            .ok_or_else(|| anyhow!("listener {}: no pool {}", l.name, l.pool))?;
+        let ListenerProtocol::Tcp = l.protocol;
+        let sockets = bind_tcp(l.bind, config.workers)
+            .with_context(|| format!("listener {}: cannot listen on {}", l.name, l.bind))?;
+        let addr = sockets[0].local_addr()?;
+        info!(listener = %l.name, protocol = "tcp", addr = %addr, pool = %l.pool, "listening");
+        let service = Arc::new(TcpService {
+            name: Arc::from(l.name.as_str()),
+            pool: Arc::clone(pool),
+            connect_timeout: l.connect_timeout,
+            retries: l.retries,
+            relay: RelayOptions {
+                mode: l.relay,
+                idle_timeout: l.idle_timeout,
+            },
+            access: l.access.clone(),
+            limit: ConnectionLimit::new(l.max_connections),
+            proxy_protocol: l.proxy_protocol,
+        });
+        bound.push((service, sockets));
+    }
+
+    let stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for index in 0..config.workers {
+        let mine: Vec<_> = bound
+            .iter_mut()
+            .map(|(service, sockets)| (Arc::clone(service), sockets.remove(0)))
+            .collect();
+        workers.push(spawn_worker(
+            index,
+            mine,
+            stop.clone(),
+            config.drain_timeout,
+        )?);
+    }
+    info!(
+        workers = config.workers,
+        listeners = config.listeners.len(),
+        pools = config.pools.len(),
+        "ready"
+    );
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("control runtime")?;
+    control.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, drain_timeout = ?config.drain_timeout, "stopping: no new connections, draining live ones");
+        stop.cancel();
+        let joined = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        });
+        tokio::select! {
+            _ = joined => {}
+            _ = term.recv() => warn!("second signal: exiting without waiting"),
+            _ = int.recv() => warn!("second signal: exiting without waiting"),
+        }
+        info!("stopped");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+fn spawn_worker(
+    index: usize,
+    listeners: Vec<(Arc<TcpService>, std::net::TcpListener)>,
+    stop: CancellationToken,
+    drain_timeout: Duration,
+) -> Result<JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("worker runtime")?;
+    let handle = std::thread::Builder::new()
+        .name(format!("l4lb-worker-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let connections = TaskTracker::new();
+                let mut accept_loops = Vec::new();
+                for (service, socket) in listeners {
+                    match tokio::net::TcpListener::from_std(socket) {
+                        Ok(listener) => accept_loops.push(tokio::spawn(serve(
+                            listener,
+                            service,
+                            stop.clone(),
+                            connections.clone(),
+                        ))),
+                        Err(e) => warn!(worker = index, error = %e, "cannot register listener"),
+                    }
+                }
+                for accept_loop in accept_loops {
+                    let _ = accept_loop.await;
+                }
+                connections.close();
+                let live = connections.len();
+                if live > 0
+                    && tokio::time::timeout(drain_timeout, connections.wait())
+                        .await
+                        .is_err()
+                {
+                    warn!(
+                        worker = index,
+                        left = connections.len(),
+                        "drain timeout: closing live connections"
+                    );
+                }
+            });
+        })
+        .context("spawn worker thread")?;
+    Ok(handle)
+}

@@ -1,0 +1,276 @@
+//! Starting the binary, reading its logs, and the small backends the tests relay to.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Upper bound for anything a test waits for; reaching it fails the test.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_l4lb"))
+}
+
+/// Raises this test process's own open-file limit: tests with many connections hold both
+/// the client and the backend ends.
+pub fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// A running l4lb process. Its stderr is collected line by line; dropping it kills it.
+pub struct Balancer {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: mpsc::Receiver<()>,
+    _dir: tempfile::TempDir,
+    /// Bound address of each listener, by name.
+    pub listeners: Vec<(String, SocketAddr)>,
+}
+
+impl Balancer {
+    /// Writes `config` to a file, starts l4lb on it and waits until it is ready.
+    pub fn start(config: &str) -> Balancer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l4lb.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(&path)
+            .env("L4LB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start l4lb");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let lines = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("L4LB_TEST_ECHO").is_some() {
+                        eprintln!("l4lb| {line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                    let _ = tx.send(());
+                }
+            });
+        }
+        let mut balancer = Balancer {
+            child,
+            lines,
+            new_line: rx,
+            _dir: dir,
+            listeners: Vec::new(),
+        };
+        balancer.wait_for_log(|l| l.contains(" ready"));
+        let listening: Vec<String> = balancer.logs_matching(|l| l.contains("listening"));
+        for line in listening {
+            let name = field(&line, "listener").unwrap();
+            let addr = field(&line, "addr").unwrap().parse().unwrap();
+            balancer.listeners.push((name, addr));
+        }
+        balancer
+    }
+
+    /// The address of the first listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.listeners[0].1
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs_matching(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| pred(l))
+            .cloned()
+            .collect()
+    }
+
+    /// Blocks until a log line matches; panics with the log after [`PATIENCE`].
+    pub fn wait_for_log(&self, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for_logs(1, pred).pop().unwrap()
+    }
+
+    /// Blocks until `count` log lines match.
+    pub fn wait_for_logs(&self, count: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found = self.logs_matching(&pred);
+            if found.len() >= count {
+                return found;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.new_line.recv_timeout(left).is_err() {
+                let all = self.lines.lock().unwrap().join("\n");
+                panic!(
+                    "expected {count} matching log lines, found {}; log:\n{all}",
+                    found.len()
+                );
+            }
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+    }
+
+    /// Waits for the process to exit, bounded by [`PATIENCE`]. The exit is seen as the end
+    /// of its stderr, which the reader thread reports by dropping the channel.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.new_line.recv_timeout(left) {
+                Ok(()) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("l4lb did not exit"),
+            }
+        }
+        self.child.wait().unwrap()
+    }
+
+    /// File descriptors the process holds, split into (sockets, pipes).
+    pub fn open_fds(&self) -> (usize, usize) {
+        let mut sockets = 0;
+        let mut pipes = 0;
+        for entry in std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                let target = target.to_string_lossy().to_string();
+                if target.starts_with("socket:") {
+                    sockets += 1;
+                } else if target.starts_with("pipe:") {
+                    pipes += 1;
+                }
+            }
+        }
+        (sockets, pipes)
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=value` in a tracing log line.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let needle = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&needle))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// A config with one TCP listener on 127.0.0.1:0 and one round-robin pool over `backends`.
+pub fn config(backends: &[SocketAddr], listener_extra: &str, top_extra: &str) -> String {
+    let mut s = format!(
+        "workers: 2\ndrain_timeout: 5s\n{top_extra}\nlisteners:\n  - name: test\n    bind: 127.0.0.1:0\n    pool: p\n"
+    );
+    for line in listener_extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str(&format!("    {}\n", line.trim()));
+    }
+    s.push_str("pools:\n  - name: p\n    backends:\n");
+    for b in backends {
+        s.push_str(&format!("      - {{ address: \"{b}\" }}\n"));
+    }
+    s
+}
+
+/// An address on which nothing listens (bound, then closed): connects are refused.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Starts a backend on 127.0.0.1:0 that runs `serve` for every connection.
+pub async fn backend<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve(stream));
+        }
+    });
+    addr
+}
+
+/// A backend that writes `name` and closes: tells the client which backend it reached.
+pub async fn named_backend(name: &'static str) -> SocketAddr {
+    backend(move |mut s| async move {
+        let _ = s.write_all(name.as_bytes()).await;
+        let _ = s.shutdown().await;
+        // Wait for the client's close so our FIN is not turned into a RST.
+        let mut sink = [0u8; 64];
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+/// A backend that echoes everything back and closes when the client does.
+pub async fn echo_backend() -> SocketAddr {
+    backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// Connects through the balancer and reads everything the backend says.
+pub async fn fetch(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), `len` of them, from `seed`.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

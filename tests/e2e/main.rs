@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `l4lb` binary, real sockets on loopback, no sleeps. Every
+//! test starts its own balancer on `127.0.0.1:0` and waits for its `listening` log line.
+
+mod harness;
+
+mod check;
+mod tcp;
