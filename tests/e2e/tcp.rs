@@ -434,3 +434,41 @@ async fn sigterm_stops_accepting_and_drains_live_connections() {
     // Nothing listens any more.
     assert!(TcpStream::connect(lb.addr()).await.is_err());
 }
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+/// hangs until the connector's timeout, like a backend behind a black hole.
+fn black_hole() -> (socket2::Socket, std::net::TcpStream, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Backlog 0 holds one connection; this one fills it and is never accepted.
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (listener, filler, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_bounds_the_wait_on_a_black_holed_backend() {
+    let (_hole, _filler, hole) = black_hole();
+    let live = named_backend("live").await;
+    let cfg =
+        config(&[hole, live], "connect_timeout: 400ms", "").replace("workers: 2\n", "workers: 1\n");
+    let lb = Balancer::start(&cfg);
+    let started = std::time::Instant::now();
+    let got = fetch(lb.addr()).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(got, "live");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the black hole was tried first: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "one connect_timeout, not the kernel's SYN retries: {waited:?}"
+    );
+    let line = lb.wait_for_log(|l| l.contains("backend connect failed"));
+    assert!(line.contains("connect timeout"), "{line}");
+}
