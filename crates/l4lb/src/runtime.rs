@@ -81,13 +81,6 @@ pub fn run(config: Config) -> Result<()> {
             config.drain_timeout,
         )?);
     }
-    info!(
-        workers = config.workers,
-        listeners = config.listeners.len(),
-        pools = config.pools.len(),
-        "ready"
-    );
-
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -95,6 +88,14 @@ pub fn run(config: Config) -> Result<()> {
     control.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        // Ready only once signals are handled: a SIGTERM from here on drains.
+        info!(
+            workers = config.workers,
+            listeners = config.listeners.len(),
+            pools = config.pools.len(),
+            "ready"
+        );
+
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
