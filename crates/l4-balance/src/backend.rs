@@ -1,6 +1,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The largest accepted weight (as in HAProxy); keeps precomputed schedules small.
 pub const MAX_WEIGHT: u32 = 256;
@@ -60,6 +61,9 @@ pub struct BackendState {
     active: AtomicU64,
     total: AtomicU64,
     connect_failures: AtomicU64,
+    /// Exponentially weighted moving average of measured response times, in microseconds;
+    /// 0 until the first sample. Read by `least_time`.
+    response_ewma_us: AtomicU64,
 }
 
 impl BackendState {
@@ -71,6 +75,7 @@ impl BackendState {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            response_ewma_us: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +112,28 @@ impl BackendState {
     /// Connect attempts that failed (refused, timed out, unreachable).
     pub fn connect_failures(&self) -> u64 {
         self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// The moving average of response times (connect or first byte, as the pool's
+    /// `least_time` measures), in microseconds; 0 before any sample.
+    pub fn response_time_us(&self) -> u64 {
+        self.response_ewma_us.load(Ordering::Relaxed)
+    }
+
+    /// Folds one measured response time into the moving average (weight 1/4 for the new
+    /// sample: reacts within a few connections, ignores a single outlier). The first
+    /// sample is taken as is.
+    pub fn record_response_time(&self, sample: Duration) {
+        let sample = u64::try_from(sample.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .response_ewma_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    old - old / 4 + sample / 4
+                })
+            });
     }
 
     /// Records a failed connect attempt seen by the data path.

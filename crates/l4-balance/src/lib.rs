@@ -12,7 +12,7 @@ mod backend;
 mod flow_key;
 mod snapshot;
 
-pub use algorithms::Algorithm;
+pub use algorithms::{build_maglev_table, is_prime, Algorithm, TimeMetric, DEFAULT_TABLE_SIZE};
 pub use backend::{Backend, BackendHandle, BackendSpec, BackendState, Health, MAX_WEIGHT};
-pub use flow_key::{FlowKey, Protocol};
+pub use flow_key::{FlowKey, HashKey, Protocol};
 pub use snapshot::{Pool, PoolError, PoolSnapshot};

@@ -45,7 +45,7 @@ impl Tier {
             return None;
         }
         let eligible = |b: &Backend| b.state.is_usable() && !exclude.contains(&b.spec.addr);
-        let index = self.selector.pick(&self.backends, key, &eligible)?;
+        let index = self.selector.pick(&self.backends, key, eligible)?;
         Some(BackendHandle::acquire(&self.backends[index].state))
     }
 }

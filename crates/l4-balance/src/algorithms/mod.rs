@@ -1,12 +1,27 @@
 //! Selection algorithms. Each one is built once per snapshot (all its tables precomputed)
-//! and then picks with shared, lock-free state only.
+//! and then picks with shared, lock-free state only: atomics in `BackendState`, a shared
+//! cursor, or nothing at all.
 
+mod least_load;
+mod maglev;
+mod p2c;
 mod round_robin;
+mod source_hash;
 
 use crate::backend::Backend;
-use crate::flow_key::FlowKey;
+use crate::flow_key::{FlowKey, HashKey};
 
-pub(crate) use round_robin::RoundRobin;
+pub use maglev::{build_table as build_maglev_table, is_prime, DEFAULT_TABLE_SIZE};
+
+/// What `least_time` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeMetric {
+    /// Time to establish the TCP connection.
+    #[default]
+    Connect,
+    /// Time from connection to the backend's first byte.
+    FirstByte,
+}
 
 /// How a pool spreads new connections over its backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -14,6 +29,21 @@ pub enum Algorithm {
     /// Smooth weighted round robin, as nginx does it.
     #[default]
     RoundRobin,
+    /// Fewest active connections relative to weight.
+    LeastConn,
+    /// Power of two random choices (weighted), the less loaded of the two.
+    PowerOfTwo,
+    /// Fewest active connections weighed by the moving average of a measured time.
+    LeastTime(TimeMetric),
+    /// Hash of the client (by `HashKey`) over the weighted schedule.
+    SourceHash(HashKey),
+    /// Maglev consistent hashing.
+    Maglev {
+        /// What is hashed.
+        key: HashKey,
+        /// Lookup table size; must be prime.
+        table_size: u32,
+    },
 }
 
 impl Algorithm {
@@ -21,6 +51,19 @@ impl Algorithm {
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConn => "least_conn",
+            Algorithm::PowerOfTwo => "p2c",
+            Algorithm::LeastTime(_) => "least_time",
+            Algorithm::SourceHash(_) => "source_hash",
+            Algorithm::Maglev { .. } => "maglev",
+        }
+    }
+
+    /// Whether the data path should measure response times for this algorithm.
+    pub fn time_metric(self) -> Option<TimeMetric> {
+        match self {
+            Algorithm::LeastTime(metric) => Some(metric),
+            _ => None,
         }
     }
 }
@@ -28,25 +71,129 @@ impl Algorithm {
 /// An algorithm's precomputed state for one tier (primaries or backups) of a snapshot.
 #[derive(Debug)]
 pub(crate) enum TierSelector {
-    RoundRobin(RoundRobin),
+    RoundRobin(round_robin::RoundRobin),
+    LeastConn,
+    PowerOfTwo(p2c::PowerOfTwo),
+    LeastTime,
+    SourceHash(source_hash::SourceHash),
+    Maglev(maglev::Maglev),
 }
 
 impl TierSelector {
     pub(crate) fn build(algorithm: Algorithm, backends: &[Backend]) -> Self {
         match algorithm {
-            Algorithm::RoundRobin => TierSelector::RoundRobin(RoundRobin::new(backends)),
+            Algorithm::RoundRobin => {
+                TierSelector::RoundRobin(round_robin::RoundRobin::new(backends))
+            }
+            Algorithm::LeastConn => TierSelector::LeastConn,
+            Algorithm::PowerOfTwo => TierSelector::PowerOfTwo(p2c::PowerOfTwo::new(backends)),
+            Algorithm::LeastTime(_) => TierSelector::LeastTime,
+            Algorithm::SourceHash(key) => {
+                TierSelector::SourceHash(source_hash::SourceHash::new(backends, key))
+            }
+            Algorithm::Maglev { key, table_size } => {
+                TierSelector::Maglev(maglev::Maglev::new(backends, key, table_size))
+            }
         }
     }
 
     /// Picks the index of a backend for which `eligible` holds, or `None` when there is none.
-    pub(crate) fn pick(
+    #[inline]
+    pub(crate) fn pick<F: Fn(&Backend) -> bool>(
         &self,
         backends: &[Backend],
-        _key: &FlowKey,
-        eligible: &dyn Fn(&Backend) -> bool,
+        key: &FlowKey,
+        eligible: F,
     ) -> Option<usize> {
         match self {
             TierSelector::RoundRobin(rr) => rr.pick(backends, eligible),
+            TierSelector::LeastConn => least_load::least_conn(backends, eligible),
+            TierSelector::PowerOfTwo(p2c) => p2c.pick(backends, eligible),
+            TierSelector::LeastTime => least_load::least_time(backends, eligible),
+            TierSelector::SourceHash(sh) => sh.pick(backends, key, eligible),
+            TierSelector::Maglev(m) => m.pick(backends, key, eligible),
         }
+    }
+}
+
+/// One period of nginx's smooth weighted round robin for `weights`, after dividing them by
+/// their greatest common divisor (1:1:2 and 5:5:10 give the same short period). Round
+/// robin walks it; p2c and source_hash use it as a weight-proportional table of slots.
+pub(crate) fn smooth_weighted_schedule(weights: &[u64]) -> Vec<u32> {
+    let divisor = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<i64> = weights.iter().map(|w| (w / divisor) as i64).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(total.max(0) as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += w;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        schedule.push(best as u32);
+    }
+    schedule
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+pub(crate) fn weights(backends: &[Backend]) -> Vec<u64> {
+    backends.iter().map(|b| u64::from(b.spec.weight)).collect()
+}
+
+/// Walks `slots` (backend indices) from `start` for at most one step per backend, then
+/// scans the backends linearly from `start`: bounded work even when most are unusable.
+#[inline]
+pub(crate) fn first_eligible_slot<F: Fn(&Backend) -> bool>(
+    slots: &[u32],
+    start: usize,
+    backends: &[Backend],
+    eligible: F,
+) -> Option<usize> {
+    if slots.is_empty() || backends.is_empty() {
+        return None;
+    }
+    let len = slots.len();
+    for step in 0..len.min(backends.len()) {
+        let index = slots[start.wrapping_add(step) % len] as usize;
+        if backends.get(index).is_some_and(&eligible) {
+            return Some(index);
+        }
+    }
+    let offset = start % backends.len();
+    (0..backends.len())
+        .map(|i| (offset + i) % backends.len())
+        .find(|&i| eligible(&backends[i]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_nginx_for_5_1_1() {
+        // The example from nginx's commit introducing smooth weighting: a a b a c a a.
+        assert_eq!(
+            smooth_weighted_schedule(&[5, 1, 1]),
+            vec![0, 0, 1, 0, 2, 0, 0]
+        );
+    }
+
+    #[test]
+    fn schedule_is_reduced_by_gcd_and_proportional() {
+        let s = smooth_weighted_schedule(&[10, 10, 20]);
+        assert_eq!(s.len(), 4);
+        // Interleaved, never two of the light ones in a row.
+        assert_eq!(s, vec![2, 0, 1, 2]);
     }
 }
