@@ -38,6 +38,10 @@ fn each_kind_of_bad_config_exits_1_naming_the_field() {
         (&BASE.replace("bind: \"127.0.0.1:8080\"", "bind: \"localhost\""), "listeners[0].bind: invalid socket address"),
         (&BASE.replace("name: web, bind", "name: web, allow: [300.0.0.0/8], bind"), "listeners[0].allow[0]: invalid network"),
         (&format!("{BASE}  - name: web2\n    algorithm: fastest\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"), "pools[1].algorithm: unknown algorithm"),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    hash: src_ip\n    backends:"), "pools[0].hash: hash applies to source_hash and maglev, not round_robin"),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: maglev\n    table_size: 65536\n    backends:"), "pools[0].table_size: 65536 is not prime"),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: source_hash\n    hash: dst_ip\n    backends:"), "pools[0].hash: unknown hash key \"dst_ip\""),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: least_time\n    least_time: last_byte\n    backends:"), "pools[0].least_time: unknown measure \"last_byte\""),
         ("listeners: [\n", "line"),
     ];
     for (text, expected) in cases {

@@ -3,5 +3,6 @@
 
 mod harness;
 
+mod balance;
 mod check;
 mod tcp;

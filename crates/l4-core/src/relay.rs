@@ -136,6 +136,10 @@ struct PumpError {
 #[derive(Debug)]
 struct SpliceUnavailable;
 
+/// Called once with the time from the start of the relay to the backend's first byte
+/// (for `least_time first_byte`).
+pub type FirstByteHook<'a> = Option<&'a (dyn Fn(Duration) + Sync)>;
+
 /// One direction: `from` -> `to`.
 struct Direction<'a> {
     from: &'a TcpStream,
@@ -144,11 +148,23 @@ struct Direction<'a> {
     to_side: Side,
     counter: &'a AtomicU64,
     progress: &'a Progress,
+    on_first_byte: FirstByteHook<'a>,
 }
 
 const COPY_BUFFER: usize = 64 * 1024;
 
 impl Direction<'_> {
+    /// Accounts `n` bytes moved; the first time, reports the time to first byte.
+    fn moved(&self, n: usize, first: &mut bool) {
+        if *first {
+            *first = false;
+            if let Some(hook) = self.on_first_byte {
+                hook(self.progress.start.elapsed());
+            }
+        }
+        self.progress.add(self.counter, n);
+    }
+
     fn fail_from(&self, error: io::Error) -> PumpError {
         PumpError {
             side: self.from_side,
@@ -183,6 +199,7 @@ impl Direction<'_> {
 
     async fn splice(&self) -> Result<Result<(), PumpError>, SpliceUnavailable> {
         let mut moved_any = false;
+        let mut first = true;
         loop {
             // Idle: wait for data without holding a pipe.
             if let Err(e) = self.from.readable().await {
@@ -239,13 +256,14 @@ impl Direction<'_> {
                         Err(e) => return Ok(Err(self.fail_to(e))),
                     }
                 }
-                self.progress.add(self.counter, n);
+                self.moved(n, &mut first);
             }
         }
     }
 
     async fn copy(&self) -> Result<(), PumpError> {
         let mut buf = Vec::new();
+        let mut first = true;
         loop {
             self.from.readable().await.map_err(|e| self.fail_from(e))?;
             if buf.is_empty() {
@@ -272,7 +290,7 @@ impl Direction<'_> {
                     Err(e) => return Err(self.fail_to(e)),
                 }
             }
-            self.progress.add(self.counter, n);
+            self.moved(n, &mut first);
         }
     }
 }
@@ -292,7 +310,13 @@ fn abort(stream: &TcpStream) {
 }
 
 /// Relays between `client` and `backend` until the connection ends, then closes both.
-pub async fn relay(client: TcpStream, backend: TcpStream, options: RelayOptions) -> RelayReport {
+/// `on_first_byte` is told how long the backend took to send its first byte.
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    options: RelayOptions,
+    on_first_byte: FirstByteHook<'_>,
+) -> RelayReport {
     let progress = Progress {
         start: Instant::now(),
         client_to_backend: AtomicU64::new(0),
@@ -307,6 +331,7 @@ pub async fn relay(client: TcpStream, backend: TcpStream, options: RelayOptions)
         to_side: Side::Backend,
         counter: &progress.client_to_backend,
         progress: &progress,
+        on_first_byte: None,
     };
     let downstream = Direction {
         from: &backend,
@@ -315,6 +340,7 @@ pub async fn relay(client: TcpStream, backend: TcpStream, options: RelayOptions)
         to_side: Side::Client,
         counter: &progress.backend_to_client,
         progress: &progress,
+        on_first_byte,
     };
     let up = upstream.run(options.mode);
     let down = downstream.run(options.mode);

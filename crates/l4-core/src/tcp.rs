@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use l4_balance::{BackendHandle, FlowKey, Pool, Protocol};
+use l4_balance::{BackendHandle, FlowKey, Pool, Protocol, TimeMetric};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -24,6 +24,11 @@ use crate::relay::{relay, RelayOptions};
 pub struct TcpService {
     /// The listener's name, for logs.
     pub name: Arc<str>,
+    /// The address as configured (the VIP): the local half of the flow key that hashing
+    /// algorithms use. Using the configured rather than the accepted address keeps
+    /// placement identical on every l4lb instance sharing a config (port 0 included);
+    /// an unspecified IP (a wildcard bind) is replaced by the address the client reached.
+    pub bind: SocketAddr,
     /// Where connections go.
     pub pool: Arc<Pool>,
     /// Limit for each connect attempt.
@@ -74,6 +79,15 @@ pub async fn serve(
     }
 }
 
+/// The local half of the flow key; see [`TcpService::bind`].
+fn flow_local(configured: SocketAddr, accepted: SocketAddr) -> SocketAddr {
+    if configured.ip().is_unspecified() {
+        SocketAddr::new(accepted.ip(), configured.port())
+    } else {
+        configured
+    }
+}
+
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -94,7 +108,7 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
     let started = Instant::now();
     let key = FlowKey {
         client: peer,
-        local,
+        local: flow_local(service.bind, local),
         protocol: Protocol::Tcp,
     };
     let (mut backend, handle) = match connect_backend(&service, &key).await {
@@ -112,7 +126,14 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
             return;
         }
     }
-    let report = relay(client, backend, service.relay).await;
+    let metric = service.pool.snapshot().algorithm().time_metric();
+    let report = if metric == Some(TimeMetric::FirstByte) {
+        let state = handle.state();
+        let hook = |elapsed: Duration| state.record_response_time(elapsed);
+        relay(client, backend, service.relay, Some(&hook)).await
+    } else {
+        relay(client, backend, service.relay, None).await
+    };
     info!(
         backend = %backend_addr,
         bytes_in = report.client_to_backend,
@@ -134,14 +155,27 @@ async fn connect_backend(
 ) -> Result<(TcpStream, BackendHandle), u32> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for _ in 0..=service.retries {
-        let Some(handle) = service.pool.select(key, &tried) else {
+        let snapshot = service.pool.snapshot();
+        let Some(handle) = snapshot.select(key, &tried) else {
             break;
         };
+        let measure_connect = snapshot.algorithm().time_metric() == Some(TimeMetric::Connect);
+        drop(snapshot);
         let addr = handle.addr();
+        let started = Instant::now();
         match connect(addr, service.connect_timeout).await {
-            Ok(stream) => return Ok((stream, handle)),
+            Ok(stream) => {
+                if measure_connect {
+                    handle.state().record_response_time(started.elapsed());
+                }
+                return Ok((stream, handle));
+            }
             Err(e) => {
                 handle.state().record_connect_failure();
+                if measure_connect {
+                    // A failed attempt is a slow one: it must not look fast.
+                    handle.state().record_response_time(service.connect_timeout);
+                }
                 let level_is_timeout = matches!(e, ConnectError::Timeout(_));
                 info!(backend = %addr, error = %e, timeout = level_is_timeout, "backend connect failed");
                 tried.push(addr);

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use l4_balance::{Algorithm, BackendSpec, MAX_WEIGHT};
+use l4_balance::{
+    is_prime, Algorithm, BackendSpec, HashKey, TimeMetric, DEFAULT_TABLE_SIZE, MAX_WEIGHT,
+};
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
@@ -86,6 +88,8 @@ struct RawPool {
     name: String,
     algorithm: Option<String>,
     hash: Option<String>,
+    table_size: Option<u32>,
+    least_time: Option<String>,
     health: Option<RawHealth>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -482,6 +486,81 @@ impl Validator {
         nets
     }
 
+    fn algorithm(&mut self, path: &str, p: &RawPool) -> Option<Algorithm> {
+        let name = p.algorithm.as_deref().unwrap_or("round_robin");
+        let hashing = matches!(name, "source_hash" | "maglev");
+        let hash = match p.hash.as_deref() {
+            None => None,
+            Some(_) if !hashing => {
+                self.error(
+                    format!("{path}.hash"),
+                    format!("hash applies to source_hash and maglev, not {name}"),
+                );
+                None
+            }
+            Some("src_ip") => Some(HashKey::SrcIp),
+            Some("src_ip_port") => Some(HashKey::SrcIpPort),
+            Some("five_tuple") => Some(HashKey::FiveTuple),
+            Some(other) => {
+                self.error(
+                    format!("{path}.hash"),
+                    format!(
+                        "unknown hash key {other:?} (expected src_ip, src_ip_port or five_tuple)"
+                    ),
+                );
+                None
+            }
+        };
+        if p.table_size.is_some() && name != "maglev" {
+            self.error(
+                format!("{path}.table_size"),
+                format!("table_size applies to maglev, not {name}"),
+            );
+        }
+        if p.least_time.is_some() && name != "least_time" {
+            self.error(
+                format!("{path}.least_time"),
+                format!("least_time applies to the least_time algorithm, not {name}"),
+            );
+        }
+        match name {
+            "round_robin" => Some(Algorithm::RoundRobin),
+            "least_conn" => Some(Algorithm::LeastConn),
+            "p2c" => Some(Algorithm::PowerOfTwo),
+            "least_time" => match p.least_time.as_deref().unwrap_or("connect") {
+                "connect" => Some(Algorithm::LeastTime(TimeMetric::Connect)),
+                "first_byte" => Some(Algorithm::LeastTime(TimeMetric::FirstByte)),
+                other => {
+                    self.error(
+                        format!("{path}.least_time"),
+                        format!("unknown measure {other:?} (expected connect or first_byte)"),
+                    );
+                    None
+                }
+            },
+            "source_hash" => Some(Algorithm::SourceHash(hash.unwrap_or(HashKey::SrcIp))),
+            "maglev" => {
+                let table_size = p.table_size.unwrap_or(DEFAULT_TABLE_SIZE);
+                if !is_prime(table_size) {
+                    self.error(
+                        format!("{path}.table_size"),
+                        format!("{table_size} is not prime (try 65537 or 655373)"),
+                    );
+                } else if (table_size as usize) < p.backends.len().max(1) * 10 {
+                    self.error(format!("{path}.table_size"), format!("{table_size} is too small for {} backends (at least 10 slots per backend; 100 keeps shares within 1%)", p.backends.len()));
+                }
+                Some(Algorithm::Maglev {
+                    key: hash.unwrap_or(HashKey::FiveTuple),
+                    table_size,
+                })
+            }
+            other => {
+                self.error(format!("{path}.algorithm"), format!("unknown algorithm {other:?} (expected round_robin, least_conn, p2c, least_time, source_hash or maglev)"));
+                None
+            }
+        }
+    }
+
     fn pools(&mut self, raw: &[RawPool]) -> Vec<PoolConfig> {
         let mut names = HashSet::new();
         let mut pools = Vec::new();
@@ -495,23 +574,7 @@ impl Validator {
                     format!("duplicate pool name {:?}", p.name),
                 );
             }
-            let algorithm = match p.algorithm.as_deref().unwrap_or("round_robin") {
-                "round_robin" => Some(Algorithm::RoundRobin),
-                known @ ("least_conn" | "p2c" | "least_time" | "source_hash" | "maglev") => {
-                    self.error(
-                        format!("{path}.algorithm"),
-                        format!("{known} is not available in this version yet (use round_robin)"),
-                    );
-                    None
-                }
-                other => {
-                    self.error(format!("{path}.algorithm"), format!("unknown algorithm {other:?} (expected round_robin, least_conn, p2c, least_time, source_hash or maglev)"));
-                    None
-                }
-            };
-            if p.hash.is_some() {
-                self.error(format!("{path}.hash"), "hash keys apply to source_hash and maglev, which are not available in this version yet");
-            }
+            let algorithm = self.algorithm(&path, p);
             if let Some(h) = &p.health {
                 self.duration(&format!("{path}.health.interval"), h.interval.as_ref());
                 self.duration(&format!("{path}.health.timeout"), h.timeout.as_ref());

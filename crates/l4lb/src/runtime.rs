@@ -53,6 +53,7 @@ pub fn run(config: Config) -> Result<()> {
         info!(listener = %l.name, protocol = "tcp", addr = %addr, pool = %l.pool, "listening");
         let service = Arc::new(TcpService {
             name: Arc::from(l.name.as_str()),
+            bind: l.bind,
             pool: Arc::clone(pool),
             connect_timeout: l.connect_timeout,
             retries: l.retries,

@@ -33,7 +33,8 @@ pub enum Algorithm {
     LeastConn,
     /// Power of two random choices (weighted), the less loaded of the two.
     PowerOfTwo,
-    /// Fewest active connections weighed by the moving average of a measured time.
+    /// Active connections weighed by the moving average of a measured time, compared over
+    /// two random choices.
     LeastTime(TimeMetric),
     /// Hash of the client (by `HashKey`) over the weighted schedule.
     SourceHash(HashKey),
@@ -74,7 +75,7 @@ pub(crate) enum TierSelector {
     RoundRobin(round_robin::RoundRobin),
     LeastConn,
     PowerOfTwo(p2c::PowerOfTwo),
-    LeastTime,
+    LeastTime(p2c::PowerOfTwo),
     SourceHash(source_hash::SourceHash),
     Maglev(maglev::Maglev),
 }
@@ -87,7 +88,7 @@ impl TierSelector {
             }
             Algorithm::LeastConn => TierSelector::LeastConn,
             Algorithm::PowerOfTwo => TierSelector::PowerOfTwo(p2c::PowerOfTwo::new(backends)),
-            Algorithm::LeastTime(_) => TierSelector::LeastTime,
+            Algorithm::LeastTime(_) => TierSelector::LeastTime(p2c::PowerOfTwo::new(backends)),
             Algorithm::SourceHash(key) => {
                 TierSelector::SourceHash(source_hash::SourceHash::new(backends, key))
             }
@@ -108,8 +109,8 @@ impl TierSelector {
         match self {
             TierSelector::RoundRobin(rr) => rr.pick(backends, eligible),
             TierSelector::LeastConn => least_load::least_conn(backends, eligible),
-            TierSelector::PowerOfTwo(p2c) => p2c.pick(backends, eligible),
-            TierSelector::LeastTime => least_load::least_time(backends, eligible),
+            TierSelector::PowerOfTwo(p2c) => p2c.pick(backends, eligible, p2c::active_load),
+            TierSelector::LeastTime(p2c) => p2c.pick(backends, eligible, p2c::timed_load),
             TierSelector::SourceHash(sh) => sh.pick(backends, key, eligible),
             TierSelector::Maglev(m) => m.pick(backends, key, eligible),
         }

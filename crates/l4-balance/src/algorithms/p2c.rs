@@ -1,7 +1,11 @@
-//! Power of two random choices: sample two backends in proportion to weight and take the
-//! one with fewer active connections relative to weight. Nearly as good as least_conn at
-//! spreading load, with constant work per pick and no herd onto one "least" backend when
-//! many workers pick at once.
+//! Power of two random choices: sample two distinct backends in proportion to weight and
+//! take the one with the lower load relative to weight. Nearly as good as a full scan at
+//! spreading load, with constant work per pick, and no herd onto one "least" backend when
+//! many workers pick at once or when measured times differ only by noise.
+//!
+//! `p2c` compares active connections; `least_time` compares active connections weighed by
+//! the measured time (the "P2C + EWMA" design of Finagle and Envoy), so a slow backend
+//! loses every comparison against a fast one while fast backends share evenly.
 
 use super::{first_eligible_slot, smooth_weighted_schedule, weights};
 use crate::backend::Backend;
@@ -12,8 +16,29 @@ pub(crate) struct PowerOfTwo {
     slots: Vec<u32>,
 }
 
-/// Samples tried before giving up on randomness and scanning.
-const TRIES: usize = 4;
+/// Samples tried before giving up on randomness (and, for the first pick, scanning).
+const TRIES: usize = 8;
+
+/// Active connections.
+#[inline]
+pub(crate) fn active_load(b: &Backend) -> u128 {
+    u128::from(b.state.active())
+}
+
+/// Active connections, plus the one being placed, times the moving average of the
+/// measured time rounded up to a power of two: backends within 2x of each other count as
+/// equally fast, so noise between healthy backends (100µs vs 120µs) does not decide,
+/// while a clearly slower one loses. A backend with no sample yet counts as 1µs, so it is
+/// tried and measured.
+#[inline]
+pub(crate) fn timed_load(b: &Backend) -> u128 {
+    let time = b
+        .state
+        .response_time_us()
+        .max(1)
+        .checked_next_power_of_two();
+    u128::from(b.state.active() + 1) * u128::from(time.unwrap_or(u64::MAX))
+}
 
 impl PowerOfTwo {
     pub(crate) fn new(backends: &[Backend]) -> Self {
@@ -22,33 +47,38 @@ impl PowerOfTwo {
         }
     }
 
-    fn sample<F: Fn(&Backend) -> bool>(&self, backends: &[Backend], eligible: &F) -> Option<usize> {
+    fn sample<F: Fn(&Backend) -> bool>(
+        &self,
+        backends: &[Backend],
+        eligible: &F,
+        not: usize,
+    ) -> Option<usize> {
         (0..TRIES).find_map(|_| {
             let i = self.slots[fastrand::usize(..self.slots.len())] as usize;
-            backends.get(i).is_some_and(eligible).then_some(i)
+            (i != not && backends.get(i).is_some_and(eligible)).then_some(i)
         })
     }
 
     #[inline]
-    pub(crate) fn pick<F: Fn(&Backend) -> bool>(
-        &self,
-        backends: &[Backend],
-        eligible: F,
-    ) -> Option<usize> {
+    pub(crate) fn pick<F, L>(&self, backends: &[Backend], eligible: F, load: L) -> Option<usize>
+    where
+        F: Fn(&Backend) -> bool,
+        L: Fn(&Backend) -> u128,
+    {
         if self.slots.is_empty() {
             return None;
         }
-        let Some(a) = self.sample(backends, &eligible) else {
+        let Some(a) = self.sample(backends, &eligible, usize::MAX) else {
             let start = fastrand::usize(..self.slots.len());
             return first_eligible_slot(&self.slots, start, backends, eligible);
         };
-        let Some(b) = self.sample(backends, &eligible) else {
+        let Some(b) = self.sample(backends, &eligible, a) else {
             return Some(a);
         };
         let (ba, bb) = (&backends[a], &backends[b]);
-        // active_a / weight_a <= active_b / weight_b
-        let left = u128::from(ba.state.active()) * u128::from(bb.spec.weight);
-        let right = u128::from(bb.state.active()) * u128::from(ba.spec.weight);
+        // load_a / weight_a <= load_b / weight_b
+        let left = load(ba) * u128::from(bb.spec.weight);
+        let right = load(bb) * u128::from(ba.spec.weight);
         Some(if left <= right { a } else { b })
     }
 }
