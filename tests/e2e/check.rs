@@ -42,6 +42,8 @@ fn each_kind_of_bad_config_exits_1_naming_the_field() {
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: maglev\n    table_size: 65536\n    backends:"), "pools[0].table_size: 65536 is not prime"),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: source_hash\n    hash: dst_ip\n    backends:"), "pools[0].hash: unknown hash key \"dst_ip\""),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: least_time\n    least_time: last_byte\n    backends:"), "pools[0].least_time: unknown measure \"last_byte\""),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 1s, rise: 0 }\n    backends:"), "pools[0].health.rise: must be at least 1"),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 0ms }\n    backends:"), "pools[0].health.interval: must be greater than zero"),
         ("listeners: [\n", "line"),
     ];
     for (text, expected) in cases {

@@ -5,4 +5,5 @@ mod harness;
 
 mod balance;
 mod check;
+mod health;
 mod tcp;

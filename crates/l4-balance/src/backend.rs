@@ -94,6 +94,15 @@ impl BackendState {
         Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed))
     }
 
+    /// Changes health from `from` to `to` only if it is still `from`; returns whether it
+    /// changed. Health checks use this so that they never override an operator's
+    /// `draining` or `disabled`.
+    pub fn transition(&self, from: Health, to: Health) -> bool {
+        self.health
+            .compare_exchange(from as u8, to as u8, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
     /// Whether new connections may go here.
     pub fn is_usable(&self) -> bool {
         self.health.load(Ordering::Relaxed) == Health::Up as u8

@@ -240,6 +240,27 @@ mod tests {
     }
 
     #[test]
+    fn draining_backend_keeps_its_live_handles_but_gets_no_new_ones() {
+        let snap = PoolSnapshot::build(
+            Algorithm::LeastConn,
+            &[spec(1, 1, false), spec(2, 1, false)],
+            |_| None,
+        )
+        .unwrap();
+        let held: Vec<_> = (0..10).map(|_| snap.select(&key(), &[]).unwrap()).collect();
+        let draining = Arc::clone(&snap.backends().next().unwrap().state);
+        let before = draining.active();
+        assert!(before > 0);
+        draining.set_health(Health::Draining);
+        for _ in 0..50 {
+            assert_ne!(snap.select(&key(), &[]).unwrap().addr(), draining.addr());
+        }
+        assert_eq!(draining.active(), before, "live connections stay counted");
+        drop(held);
+        assert_eq!(draining.active(), 0, "released as they end");
+    }
+
+    #[test]
     fn excluded_backends_are_skipped_and_exhaustion_is_none() {
         let snap = PoolSnapshot::build(
             Algorithm::RoundRobin,

@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use l4_health::Passive;
+
 use crate::admission::{AccessList, ConnectionLimit};
-use crate::connect::{connect, ConnectError};
+use crate::connect::connect;
 use crate::proxy_protocol::{self, ProxyProtocol, Transport};
 use crate::relay::{relay, RelayOptions};
 
@@ -43,6 +45,8 @@ pub struct TcpService {
     pub limit: Arc<ConnectionLimit>,
     /// Header sent to backends.
     pub proxy_protocol: ProxyProtocol,
+    /// Where failed connects are reported (passive health).
+    pub passive: Arc<Passive>,
 }
 
 /// Accepts on `listener` until `stop` is cancelled; every connection runs as a task on
@@ -113,6 +117,11 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
     };
     let (mut backend, handle) = match connect_backend(&service, &key).await {
         Ok(connected) => connected,
+        Err(0) => {
+            // The pool has no usable backend; health logged that once for the pool.
+            debug!("no usable backend, closing client");
+            return;
+        }
         Err(attempts) => {
             info!(attempts, "no backend reachable, closing client");
             return;
@@ -171,13 +180,13 @@ async fn connect_backend(
                 return Ok((stream, handle));
             }
             Err(e) => {
+                info!(backend = %addr, error = %e, "backend connect failed");
                 handle.state().record_connect_failure();
                 if measure_connect {
                     // A failed attempt is a slow one: it must not look fast.
                     handle.state().record_response_time(service.connect_timeout);
                 }
-                let level_is_timeout = matches!(e, ConnectError::Timeout(_));
-                info!(backend = %addr, error = %e, timeout = level_is_timeout, "backend connect failed");
+                service.passive.connect_failed(handle.state(), &e);
                 tried.push(addr);
             }
         }

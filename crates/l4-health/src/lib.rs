@@ -1,6 +1,66 @@
 //! Health checking for l4lb backends: active TCP connect probes and passive failure
-//! accounting, feeding backend state into the pool snapshots.
+//! accounting, feeding backend state (`up` / `down`) into the pools' shared
+//! `BackendState`, which every snapshot reads. Nothing here is on the data path except
+//! [`Passive::connect_failed`], which the data path calls after a failed connect.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
+mod checker;
+mod passive;
 pub mod probe;
+mod tracker;
+
+use std::time::Duration;
+
+pub use checker::{spawn_checks, Checker};
+pub use passive::Passive;
+pub use tracker::{Tracker, Verdict};
+
+/// Health settings of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Probe every backend this often (±10% jitter).
+    pub interval: Duration,
+    /// Each probe's limit.
+    pub timeout: Duration,
+    /// Consecutive successful probes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed probes (or passive failures within `interval x fall`) that take
+    /// an up backend down.
+    pub fall: u32,
+    /// Probe this port instead of the service port.
+    pub port: Option<u16>,
+    /// Whether up backends are probed too. Without a `health:` section only down backends
+    /// are probed (to bring them back); passive detection takes them down.
+    pub active: bool,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            port: None,
+            active: false,
+        }
+    }
+}
+
+/// Logs, once, that a pool just lost its last usable backend or got one back.
+pub(crate) fn log_pool_change(pool: &l4_balance::Pool, backend_went_down: bool) {
+    let usable = pool
+        .snapshot()
+        .backends()
+        .filter(|b| b.state.is_usable())
+        .count();
+    if backend_went_down && usable == 0 {
+        tracing::error!(
+            pool = pool.name(),
+            "pool has no usable backend: new clients are closed at once"
+        );
+    } else if !backend_went_down && usable == 1 {
+        tracing::warn!(pool = pool.name(), "pool has a usable backend again");
+    }
+}

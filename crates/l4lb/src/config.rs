@@ -14,6 +14,7 @@ use l4_balance::{
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
+use l4_health::HealthSettings;
 use serde::Deserialize;
 
 /// Defaults applied where neither a listener nor `defaults:` says otherwise.
@@ -180,6 +181,8 @@ pub struct PoolConfig {
     pub name: String,
     /// Selection algorithm.
     pub algorithm: Algorithm,
+    /// Health checking (passive always; active probes of up backends with `health:`).
+    pub health: HealthSettings,
     /// Backends in file order.
     pub backends: Vec<BackendSpec>,
 }
@@ -486,6 +489,38 @@ impl Validator {
         nets
     }
 
+    fn health(&mut self, path: &str, raw: Option<&RawHealth>) -> HealthSettings {
+        let defaults = HealthSettings::default();
+        let Some(h) = raw else {
+            return defaults;
+        };
+        let mut count = |name: &str, value: Option<u32>, default: u32| match value {
+            Some(0) => {
+                self.error(format!("{path}.health.{name}"), "must be at least 1");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        };
+        let rise = count("rise", h.rise, defaults.rise);
+        let fall = count("fall", h.fall, defaults.fall);
+        if h.port == Some(0) {
+            self.error(format!("{path}.health.port"), "must be 1..=65535");
+        }
+        HealthSettings {
+            interval: self
+                .duration(&format!("{path}.health.interval"), h.interval.as_ref())
+                .unwrap_or(defaults.interval),
+            timeout: self
+                .duration(&format!("{path}.health.timeout"), h.timeout.as_ref())
+                .unwrap_or(defaults.timeout),
+            rise,
+            fall,
+            port: h.port,
+            active: true,
+        }
+    }
+
     fn algorithm(&mut self, path: &str, p: &RawPool) -> Option<Algorithm> {
         let name = p.algorithm.as_deref().unwrap_or("round_robin");
         let hashing = matches!(name, "source_hash" | "maglev");
@@ -575,15 +610,7 @@ impl Validator {
                 );
             }
             let algorithm = self.algorithm(&path, p);
-            if let Some(h) = &p.health {
-                self.duration(&format!("{path}.health.interval"), h.interval.as_ref());
-                self.duration(&format!("{path}.health.timeout"), h.timeout.as_ref());
-                let _ = (h.rise, h.fall, h.port);
-                self.error(
-                    format!("{path}.health"),
-                    "active health checks are not available in this version yet",
-                );
-            }
+            let health = self.health(&path, p.health.as_ref());
             if p.backends.is_empty() {
                 self.error(
                     format!("{path}.backends"),
@@ -634,6 +661,7 @@ impl Validator {
                 pools.push(PoolConfig {
                     name: p.name.clone(),
                     algorithm,
+                    health,
                     backends,
                 });
             }

@@ -16,6 +16,7 @@ use l4_core::admission::ConnectionLimit;
 use l4_core::listener::bind_tcp;
 use l4_core::relay::RelayOptions;
 use l4_core::tcp::{serve, TcpService};
+use l4_health::{spawn_checks, Passive};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,16 +35,15 @@ pub fn run(config: Config) -> Result<()> {
     for p in &config.pools {
         let snapshot = PoolSnapshot::build(p.algorithm, &p.backends, |_| None)
             .with_context(|| format!("pool {}", p.name))?;
-        pools.insert(
-            p.name.clone(),
-            Arc::new(Pool::new(p.name.clone(), snapshot)),
-        );
+        let pool = Arc::new(Pool::new(p.name.clone(), snapshot));
+        let passive = Arc::new(Passive::new(Arc::clone(&pool), &p.health));
+        pools.insert(p.name.clone(), (pool, passive, p.health));
     }
 
     // Bind everything before starting any worker, so a bad address fails the start.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let pool = pools
+        let (pool, passive, _) = pools
             .get(&l.pool)
             .ok_or_else(|| anyhow!("listener {}: no pool {}", l.name, l.pool))?;
         let ListenerProtocol::Tcp = l.protocol;
@@ -64,6 +64,7 @@ pub fn run(config: Config) -> Result<()> {
             access: l.access.clone(),
             limit: ConnectionLimit::new(l.max_connections),
             proxy_protocol: l.proxy_protocol,
+            passive: Arc::clone(passive),
         });
         bound.push((service, sockets));
     }
@@ -89,6 +90,11 @@ pub fn run(config: Config) -> Result<()> {
     control.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        // Health checks run here, on the control thread, off the workers.
+        let checks = CancellationToken::new();
+        for (pool, _, settings) in pools.values() {
+            spawn_checks(Arc::clone(pool), *settings, checks.clone());
+        }
         // Ready only once signals are handled: a SIGTERM from here on drains.
         info!(
             workers = config.workers,
@@ -103,6 +109,7 @@ pub fn run(config: Config) -> Result<()> {
         };
         info!(signal = name, drain_timeout = ?config.drain_timeout, "stopping: no new connections, draining live ones");
         stop.cancel();
+        checks.cancel();
         let joined = tokio::task::spawn_blocking(move || {
             for worker in workers {
                 let _ = worker.join();

@@ -1,0 +1,247 @@
+//! Active checks: one task per backend, off the data path, one probe in flight at a time.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use l4_balance::{BackendState, Health, Pool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::probe::{tcp_connect, ProbeError};
+use crate::tracker::{Tracker, Verdict};
+use crate::{log_pool_change, HealthSettings};
+
+/// The checks of one pool.
+#[derive(Debug, Clone)]
+pub struct Checker {
+    pool: Arc<Pool>,
+    settings: HealthSettings,
+}
+
+/// Starts checking every backend of `pool` on the current tokio runtime until `stop`.
+pub fn spawn_checks(
+    pool: Arc<Pool>,
+    settings: HealthSettings,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let checker = Checker { pool, settings };
+    let states: Vec<Arc<BackendState>> = checker
+        .pool
+        .snapshot()
+        .backends()
+        .map(|b| Arc::clone(&b.state))
+        .collect();
+    states
+        .into_iter()
+        .map(|state| {
+            let checker = checker.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = checker.run(state, tcp_connect) => {}
+                }
+            })
+        })
+        .collect()
+}
+
+/// `interval` ±10%, so the probes of many backends (and many l4lb instances) drift apart.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
+
+impl Checker {
+    /// A checker for `pool` (used directly by tests with their own probe).
+    pub fn new(pool: Arc<Pool>, settings: HealthSettings) -> Self {
+        Checker { pool, settings }
+    }
+
+    /// Probes `state`'s backend forever with `probe`.
+    pub async fn run<P, F>(&self, state: Arc<BackendState>, probe: P)
+    where
+        P: Fn(SocketAddr, Duration) -> F,
+        F: Future<Output = Result<(), ProbeError>>,
+    {
+        let s = self.settings;
+        let target = match s.port {
+            Some(port) => SocketAddr::new(state.addr().ip(), port),
+            None => state.addr(),
+        };
+        let mut tracker = Tracker::new(s.rise, s.fall, state.health() == Health::Up);
+        // Start somewhere in the first interval so backends are not probed in lockstep.
+        tokio::time::sleep(s.interval.mul_f64(fastrand::f64())).await;
+        loop {
+            let health = state.health();
+            match health {
+                // The operator's states are left alone.
+                Health::Draining | Health::Disabled => {}
+                Health::Up if !s.active => tracker.reset(true),
+                Health::Up | Health::Down => {
+                    tracker.reset(health == Health::Up);
+                    let result = probe(target, s.timeout).await;
+                    self.apply(&state, &mut tracker, result);
+                }
+            }
+            tokio::time::sleep(jittered(s.interval)).await;
+        }
+    }
+
+    fn apply(&self, state: &BackendState, tracker: &mut Tracker, result: Result<(), ProbeError>) {
+        let s = self.settings;
+        let reason = match &result {
+            Ok(()) => format!("{0}/{0} probes ok", s.rise),
+            Err(e) => format!("{e}, {0}/{0} probes failed", s.fall),
+        };
+        match tracker.observe(result.is_ok()) {
+            Verdict::Same => {}
+            Verdict::Up => {
+                if state.transition(Health::Down, Health::Up) {
+                    info!(pool = self.pool.name(), backend = %state.addr(), from = "down", to = "up", reason = %reason, "backend state changed");
+                    log_pool_change(&self.pool, false);
+                }
+            }
+            Verdict::Down => {
+                if state.transition(Health::Up, Health::Down) {
+                    warn!(pool = self.pool.name(), backend = %state.addr(), from = "up", to = "down", reason = %reason, "backend state changed");
+                    log_pool_change(&self.pool, true);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use l4_balance::{Algorithm, BackendSpec, PoolSnapshot};
+    use tokio::time::Instant;
+
+    fn pool() -> (Arc<Pool>, Arc<BackendState>) {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let spec = BackendSpec {
+            addr,
+            weight: 1,
+            backup: false,
+        };
+        let pool = Arc::new(Pool::new(
+            "p",
+            PoolSnapshot::build(Algorithm::RoundRobin, &[spec], |_| None).unwrap(),
+        ));
+        let state = pool.backend_state(addr).unwrap();
+        (pool, state)
+    }
+
+    /// Runs the checker against scripted probe results in paused time and records, for
+    /// every probe, the health before it and when it ran.
+    async fn scripted(settings: HealthSettings, script: &[bool]) -> Vec<(Health, Duration)> {
+        let (pool, state) = pool();
+        let checker = Checker::new(pool, settings);
+        let results = Arc::new(Mutex::new(
+            script.iter().copied().collect::<VecDeque<bool>>(),
+        ));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let probe = {
+            let (results, seen, state) = (results.clone(), seen.clone(), state.clone());
+            move |_addr: SocketAddr, timeout: Duration| {
+                let next = results.lock().unwrap().pop_front();
+                seen.lock().unwrap().push((state.health(), start.elapsed()));
+                async move {
+                    match next {
+                        Some(true) => Ok(()),
+                        Some(false) => Err(ProbeError::Timeout(timeout)),
+                        None => std::future::pending().await,
+                    }
+                }
+            }
+        };
+        let run = checker.run(state.clone(), probe);
+        let _ = tokio::time::timeout(Duration::from_secs(3600), run).await;
+        let out = seen.lock().unwrap().clone();
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fall_then_rise_in_paused_time() {
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(100),
+            rise: 2,
+            fall: 3,
+            port: None,
+            active: true,
+        };
+        let seen = scripted(settings, &[false, false, false, true, true, true]).await;
+        let health: Vec<Health> = seen.iter().map(|(h, _)| *h).collect();
+        use Health::*;
+        // Health as each probe starts: down after the third failure, up after two successes.
+        // (The seventh probe is the one left pending when the script ran out.)
+        assert_eq!(health, vec![Up, Up, Up, Down, Down, Up, Up]);
+        // Probes are an interval apart, ±10%.
+        for pair in seen.windows(2) {
+            let gap = pair[1].1 - pair[0].1;
+            assert!(
+                gap >= Duration::from_millis(900) && gap <= Duration::from_millis(1100),
+                "{gap:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_only_pools_probe_only_down_backends() {
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            active: false,
+            rise: 1,
+            ..HealthSettings::default()
+        };
+        let (pool, state) = pool();
+        let checker = Checker::new(pool, settings);
+        let probes = Arc::new(Mutex::new(0));
+        let probe = {
+            let probes = probes.clone();
+            move |_a: SocketAddr, _t: Duration| {
+                *probes.lock().unwrap() += 1;
+                async { Ok(()) }
+            }
+        };
+        let flipper = {
+            let state = state.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                assert_eq!(*probes.lock().unwrap(), 0, "an up backend is not probed");
+                state.set_health(Health::Down);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                assert_eq!(state.health(), Health::Up, "a probe brought it back");
+            }
+        };
+        tokio::select! {
+            () = checker.run(state.clone(), probe) => unreachable!(),
+            () = flipper => {}
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_is_never_overridden() {
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            fall: 1,
+            active: true,
+            ..HealthSettings::default()
+        };
+        let (pool, state) = pool();
+        state.set_health(Health::Draining);
+        let checker = Checker::new(pool, settings);
+        let probe = |_a: SocketAddr, t: Duration| async move { Err(ProbeError::Timeout(t)) };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), checker.run(state.clone(), probe)).await;
+        assert_eq!(state.health(), Health::Draining);
+    }
+}
