@@ -6,11 +6,14 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v cc >/dev/null || need+=(build-essential)
+# Real peers for the end-to-end tests: dnsmasq answers DNS behind l4lb, dig asks.
+[ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+command -v dig >/dev/null || need+=(dnsutils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq "${need[@]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
   else
-    sudo apt-get update -qq && sudo apt-get install -y -qq "${need[@]}"
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
   fi
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy

@@ -7,3 +7,4 @@ mod balance;
 mod check;
 mod health;
 mod tcp;
+mod udp;

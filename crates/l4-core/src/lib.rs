@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod connect;
+pub mod flow;
 pub mod listener;
 mod pipe_pool;
 pub mod proxy_protocol;
@@ -13,3 +14,4 @@ pub mod relay;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tcp;
+pub mod udp;

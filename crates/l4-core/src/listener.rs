@@ -35,6 +35,35 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
     Ok(sockets)
 }
 
+/// Binds `count` UDP sockets sharing one address with `SO_REUSEPORT`; the kernel keeps
+/// each client 4-tuple on one socket, so each worker owns its flows outright. Port 0 as
+/// in [`bind_tcp`].
+pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        // Room for bursts: a full default buffer drops datagrams before we see them.
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        let _ = socket.set_send_buffer_size(4 << 20);
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        if addr.port() == 0 {
+            addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("socket has no address"))?;
+        }
+        sockets.push(socket.into());
+    }
+    Ok(sockets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::probe::{tcp_connect, ProbeError};
+use crate::probe::{tcp_connect, udp_port, ProbeError};
 use crate::tracker::{Tracker, Verdict};
-use crate::{log_pool_change, HealthSettings};
+use crate::{log_pool_change, HealthSettings, ProbeKind};
 
 /// The checks of one pool.
 #[derive(Debug, Clone)]
@@ -40,9 +40,15 @@ pub fn spawn_checks(
             let checker = checker.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
+                let run = async {
+                    match checker.settings.probe {
+                        ProbeKind::Tcp => checker.run(state, tcp_connect).await,
+                        ProbeKind::Udp => checker.run(state, udp_port).await,
+                    }
+                };
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    () = checker.run(state, tcp_connect) => {}
+                    () = run => {}
                 }
             })
         })
@@ -176,6 +182,7 @@ mod tests {
             rise: 2,
             fall: 3,
             port: None,
+            probe: ProbeKind::Tcp,
             active: true,
         };
         let seen = scripted(settings, &[false, false, false, true, true, true]).await;

@@ -16,6 +16,16 @@ pub use checker::{spawn_checks, Checker};
 pub use passive::Passive;
 pub use tracker::{Tracker, Verdict};
 
+/// How a backend is probed: by the protocol its listeners speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProbeKind {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An empty datagram, failing on ICMP port unreachable.
+    Udp,
+}
+
 /// Health settings of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthSettings {
@@ -30,6 +40,8 @@ pub struct HealthSettings {
     pub fall: u32,
     /// Probe this port instead of the service port.
     pub port: Option<u16>,
+    /// How backends are probed.
+    pub probe: ProbeKind,
     /// Whether up backends are probed too. Without a `health:` section only down backends
     /// are probed (to bring them back); passive detection takes them down.
     pub active: bool,
@@ -43,6 +55,7 @@ impl Default for HealthSettings {
             rise: 2,
             fall: 3,
             port: None,
+            probe: ProbeKind::Tcp,
             active: false,
         }
     }

@@ -9,7 +9,8 @@ use tokio::net::TcpStream;
 /// Why a probe failed, worded for the state-change log.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// Nothing listens: the SYN was answered with a RST.
+    /// Nothing listens: the SYN was answered with a RST (TCP) or the datagram with an
+    /// ICMP port unreachable (UDP).
     #[error("connect refused")]
     Refused,
     /// No handshake within the timeout.
@@ -30,6 +31,32 @@ pub async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<(), Prob
     }
 }
 
+/// Probes a UDP port the only way that works for any protocol: send an empty datagram on
+/// a connected socket and listen for an ICMP port-unreachable (`ECONNREFUSED`) until
+/// `timeout`. Silence or any reply counts as alive; a closed port fails at once. (A dead
+/// host, unlike a dead port, sends nothing back: passive detection and the data path's
+/// unreachable counts cover what this cannot see.)
+pub async fn udp_port(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+    let any: std::net::IpAddr = if addr.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = tokio::net::UdpSocket::bind(SocketAddr::new(any, 0)).await?;
+    socket.connect(addr).await?;
+    match socket.send(&[]).await {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(ProbeError::Refused),
+        Err(e) => return Err(ProbeError::Io(e)),
+        Ok(_) => {}
+    }
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ProbeError::Refused),
+        Ok(Err(e)) => Err(ProbeError::Io(e)),
+        Ok(Ok(_)) | Err(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +69,18 @@ mod tests {
         drop(listener);
         assert!(matches!(
             tcp_connect(addr, Duration::from_secs(1)).await,
+            Err(ProbeError::Refused)
+        ));
+    }
+
+    #[tokio::test]
+    async fn udp_probe_sees_a_closed_port() {
+        let open = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = open.local_addr().unwrap();
+        udp_port(addr, Duration::from_millis(50)).await.unwrap();
+        drop(open);
+        assert!(matches!(
+            udp_port(addr, Duration::from_millis(500)).await,
             Err(ProbeError::Refused)
         ));
     }

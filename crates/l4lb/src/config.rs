@@ -14,7 +14,7 @@ use l4_balance::{
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
-use l4_health::HealthSettings;
+use l4_health::{HealthSettings, ProbeKind};
 use serde::Deserialize;
 
 /// Defaults applied where neither a listener nor `defaults:` says otherwise.
@@ -27,6 +27,10 @@ pub const DEFAULT_RETRIES: u32 = 2;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// See [`DEFAULT_CONNECT_TIMEOUT`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_MAX_FLOWS: usize = 100_000;
 
 // ---------------------------------------------------------------------------------------
 // Raw: the file as written.
@@ -145,6 +149,8 @@ pub struct Config {
 pub enum ListenerProtocol {
     /// TCP connections.
     Tcp,
+    /// UDP flows.
+    Udp,
 }
 
 /// A validated listener.
@@ -172,6 +178,8 @@ pub struct Listener {
     pub retries: u32,
     /// Splice or copy.
     pub relay: RelayMode,
+    /// UDP: flows at most, across workers.
+    pub max_flows: usize,
 }
 
 /// A validated pool.
@@ -301,14 +309,26 @@ impl Validator {
             .relay_mode("defaults.relay", d.relay.as_deref())
             .unwrap_or_default();
 
-        let pools = self.pools(&raw.pools);
+        let udp_pools: HashSet<&str> = raw
+            .listeners
+            .iter()
+            .filter(|l| l.protocol.as_deref() == Some("udp"))
+            .filter_map(|l| l.pool.as_deref())
+            .collect();
+        let tcp_pools: HashSet<&str> = raw
+            .listeners
+            .iter()
+            .filter(|l| l.protocol.as_deref() != Some("udp"))
+            .filter_map(|l| l.pool.as_deref())
+            .collect();
+        let pools = self.pools(&raw.pools, &udp_pools, &tcp_pools);
         let pool_names: HashSet<&str> = raw.pools.iter().map(|p| p.name.as_str()).collect();
 
         if raw.listeners.is_empty() {
             self.error("listeners", "at least one listener is needed");
         }
         let mut names = HashSet::new();
-        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut binds: HashMap<(SocketAddr, bool), usize> = HashMap::new();
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let path = format!("listeners[{i}]");
@@ -320,9 +340,11 @@ impl Validator {
                     format!("duplicate listener name {:?}", l.name),
                 );
             }
+            let is_udp = l.protocol.as_deref() == Some("udp");
             let bind = match l.bind.parse::<SocketAddr>() {
                 Ok(addr) => {
-                    if let Some(first) = binds.insert(addr, i) {
+                    // TCP and UDP on one port (DNS) is fine; the same twice is not.
+                    if let Some(first) = binds.insert((addr, is_udp), i) {
                         self.error(
                             format!("{path}.bind"),
                             format!("{addr} is already bound by listeners[{first}]"),
@@ -343,13 +365,7 @@ impl Validator {
             };
             let protocol = match l.protocol.as_deref().unwrap_or("tcp") {
                 "tcp" => Some(ListenerProtocol::Tcp),
-                "udp" => {
-                    self.error(
-                        format!("{path}.protocol"),
-                        "udp listeners are not available in this version yet",
-                    );
-                    None
-                }
+                "udp" => Some(ListenerProtocol::Udp),
                 other => {
                     self.error(
                         format!("{path}.protocol"),
@@ -375,12 +391,33 @@ impl Validator {
                     "SNI routing is not available in this version yet",
                 );
             }
-            if l.max_flows.is_some() {
+            let tcp_only: [(&str, bool); 5] = [
+                ("max_connections", l.max_connections.is_some()),
+                ("proxy_protocol", l.proxy_protocol.is_some()),
+                ("relay", l.relay.is_some()),
+                ("connect_timeout", l.connect_timeout.is_some()),
+                ("retries", l.retries.is_some()),
+            ];
+            if is_udp {
+                for (key, set) in tcp_only {
+                    if set {
+                        self.error(format!("{path}.{key}"), "applies to tcp listeners only");
+                    }
+                }
+            } else if l.max_flows.is_some() {
                 self.error(
                     format!("{path}.max_flows"),
                     "max_flows applies to udp listeners only",
                 );
             }
+            let max_flows = match l.max_flows {
+                Some(0) => {
+                    self.error(format!("{path}.max_flows"), "must be at least 1");
+                    1
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_FLOWS,
+            };
             let pool = match &l.pool {
                 Some(pool) if pool_names.contains(pool.as_str()) => Some(pool.clone()),
                 Some(pool) => {
@@ -420,9 +457,15 @@ impl Validator {
                     l.connect_timeout.as_ref(),
                 )
                 .unwrap_or(default_connect);
+            // UDP flows are short-lived by nature: defaults.idle_timeout (sized for TCP
+            // sessions) does not apply to them.
             let idle_timeout = self
                 .duration(&format!("{path}.idle_timeout"), l.idle_timeout.as_ref())
-                .unwrap_or(default_idle);
+                .unwrap_or(if is_udp {
+                    DEFAULT_UDP_IDLE_TIMEOUT
+                } else {
+                    default_idle
+                });
             let relay = self
                 .relay_mode(&format!("{path}.relay"), l.relay.as_deref())
                 .unwrap_or(default_relay);
@@ -441,6 +484,7 @@ impl Validator {
                     idle_timeout,
                     retries: l.retries.unwrap_or(default_retries),
                     relay,
+                    max_flows,
                 });
             }
         }
@@ -517,12 +561,14 @@ impl Validator {
             rise,
             fall,
             port: h.port,
+            probe: ProbeKind::Tcp,
             active: true,
         }
     }
 
-    fn algorithm(&mut self, path: &str, p: &RawPool) -> Option<Algorithm> {
-        let name = p.algorithm.as_deref().unwrap_or("round_robin");
+    fn algorithm(&mut self, path: &str, p: &RawPool, udp_only: bool) -> Option<Algorithm> {
+        let default = if udp_only { "maglev" } else { "round_robin" };
+        let name = p.algorithm.as_deref().unwrap_or(default);
         let hashing = matches!(name, "source_hash" | "maglev");
         let hash = match p.hash.as_deref() {
             None => None,
@@ -596,7 +642,12 @@ impl Validator {
         }
     }
 
-    fn pools(&mut self, raw: &[RawPool]) -> Vec<PoolConfig> {
+    fn pools(
+        &mut self,
+        raw: &[RawPool],
+        udp_pools: &HashSet<&str>,
+        tcp_pools: &HashSet<&str>,
+    ) -> Vec<PoolConfig> {
         let mut names = HashSet::new();
         let mut pools = Vec::new();
         for (i, p) in raw.iter().enumerate() {
@@ -609,8 +660,14 @@ impl Validator {
                     format!("duplicate pool name {:?}", p.name),
                 );
             }
-            let algorithm = self.algorithm(&path, p);
-            let health = self.health(&path, p.health.as_ref());
+            // UDP-only pools default to maglev on the 5-tuple and probe with datagrams.
+            let udp_only =
+                udp_pools.contains(p.name.as_str()) && !tcp_pools.contains(p.name.as_str());
+            let algorithm = self.algorithm(&path, p, udp_only);
+            let mut health = self.health(&path, p.health.as_ref());
+            if udp_only {
+                health.probe = ProbeKind::Udp;
+            }
             if p.backends.is_empty() {
                 self.error(
                     format!("{path}.backends"),

@@ -13,9 +13,10 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use l4_balance::{Pool, PoolSnapshot};
 use l4_core::admission::ConnectionLimit;
-use l4_core::listener::bind_tcp;
+use l4_core::listener::{bind_tcp, bind_udp};
 use l4_core::relay::RelayOptions;
 use l4_core::tcp::{serve, TcpService};
+use l4_core::udp::{serve_udp, UdpService, UdpStats};
 use l4_health::{spawn_checks, Passive};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -42,31 +43,61 @@ pub fn run(config: Config) -> Result<()> {
 
     // Bind everything before starting any worker, so a bad address fails the start.
     let mut bound = Vec::new();
+    let mut udp_services = Vec::new();
     for l in &config.listeners {
         let (pool, passive, _) = pools
             .get(&l.pool)
             .ok_or_else(|| anyhow!("listener {}: no pool {}", l.name, l.pool))?;
-        let ListenerProtocol::Tcp = l.protocol;
-        let sockets = bind_tcp(l.bind, config.workers)
-            .with_context(|| format!("listener {}: cannot listen on {}", l.name, l.bind))?;
-        let addr = sockets[0].local_addr()?;
-        info!(listener = %l.name, protocol = "tcp", addr = %addr, pool = %l.pool, "listening");
-        let service = Arc::new(TcpService {
-            name: Arc::from(l.name.as_str()),
-            bind: l.bind,
-            pool: Arc::clone(pool),
-            connect_timeout: l.connect_timeout,
-            retries: l.retries,
-            relay: RelayOptions {
-                mode: l.relay,
-                idle_timeout: l.idle_timeout,
-            },
-            access: l.access.clone(),
-            limit: ConnectionLimit::new(l.max_connections),
-            proxy_protocol: l.proxy_protocol,
-            passive: Arc::clone(passive),
-        });
-        bound.push((service, sockets));
+        let mut sockets: Vec<WorkerSocket> = match l.protocol {
+            ListenerProtocol::Tcp => {
+                let sockets = bind_tcp(l.bind, config.workers)
+                    .with_context(|| format!("listener {}: cannot listen on {}", l.name, l.bind))?;
+                let addr = sockets[0].local_addr()?;
+                info!(listener = %l.name, protocol = "tcp", addr = %addr, pool = %l.pool, "listening");
+                let service = Arc::new(TcpService {
+                    name: Arc::from(l.name.as_str()),
+                    bind: l.bind,
+                    pool: Arc::clone(pool),
+                    connect_timeout: l.connect_timeout,
+                    retries: l.retries,
+                    relay: RelayOptions {
+                        mode: l.relay,
+                        idle_timeout: l.idle_timeout,
+                    },
+                    access: l.access.clone(),
+                    limit: ConnectionLimit::new(l.max_connections),
+                    proxy_protocol: l.proxy_protocol,
+                    passive: Arc::clone(passive),
+                });
+                sockets
+                    .into_iter()
+                    .map(|s| WorkerSocket::Tcp(Arc::clone(&service), s))
+                    .collect()
+            }
+            ListenerProtocol::Udp => {
+                let sockets = bind_udp(l.bind, config.workers)
+                    .with_context(|| format!("listener {}: cannot bind {}", l.name, l.bind))?;
+                let addr = sockets[0].local_addr()?;
+                info!(listener = %l.name, protocol = "udp", addr = %addr, pool = %l.pool, max_flows = l.max_flows, idle_timeout = ?l.idle_timeout, "listening");
+                let service = Arc::new(UdpService {
+                    name: Arc::from(l.name.as_str()),
+                    bind: l.bind,
+                    pool: Arc::clone(pool),
+                    passive: Arc::clone(passive),
+                    idle_timeout: l.idle_timeout,
+                    max_flows_per_worker: l.max_flows.div_ceil(config.workers.max(1)),
+                    access: l.access.clone(),
+                    stats: Arc::new(UdpStats::default()),
+                });
+                udp_services.push(Arc::clone(&service));
+                sockets
+                    .into_iter()
+                    .map(|s| WorkerSocket::Udp(Arc::clone(&service), s))
+                    .collect()
+            }
+        };
+        sockets.reverse(); // popped from the end: worker 0 gets the first socket
+        bound.push(sockets);
     }
 
     let stop = CancellationToken::new();
@@ -74,7 +105,7 @@ pub fn run(config: Config) -> Result<()> {
     for index in 0..config.workers {
         let mine: Vec<_> = bound
             .iter_mut()
-            .map(|(service, sockets)| (Arc::clone(service), sockets.remove(0)))
+            .filter_map(|sockets| sockets.pop())
             .collect();
         workers.push(spawn_worker(
             index,
@@ -120,14 +151,23 @@ pub fn run(config: Config) -> Result<()> {
             _ = term.recv() => warn!("second signal: exiting without waiting"),
             _ = int.recv() => warn!("second signal: exiting without waiting"),
         }
+        for service in &udp_services {
+            info!(listener = %service.name, "udp totals: {}", service.stats);
+        }
         info!("stopped");
         Ok::<(), anyhow::Error>(())
     })
 }
 
+/// One worker's socket of one listener.
+enum WorkerSocket {
+    Tcp(Arc<TcpService>, std::net::TcpListener),
+    Udp(Arc<UdpService>, std::net::UdpSocket),
+}
+
 fn spawn_worker(
     index: usize,
-    listeners: Vec<(Arc<TcpService>, std::net::TcpListener)>,
+    listeners: Vec<WorkerSocket>,
     stop: CancellationToken,
     drain_timeout: Duration,
 ) -> Result<JoinHandle<()>> {
@@ -141,15 +181,24 @@ fn spawn_worker(
             runtime.block_on(async move {
                 let connections = TaskTracker::new();
                 let mut accept_loops = Vec::new();
-                for (service, socket) in listeners {
-                    match tokio::net::TcpListener::from_std(socket) {
-                        Ok(listener) => accept_loops.push(tokio::spawn(serve(
-                            listener,
-                            service,
-                            stop.clone(),
-                            connections.clone(),
-                        ))),
-                        Err(e) => warn!(worker = index, error = %e, "cannot register listener"),
+                for socket in listeners {
+                    match socket {
+                        WorkerSocket::Tcp(service, socket) => {
+                            match tokio::net::TcpListener::from_std(socket) {
+                                Ok(listener) => accept_loops.push(tokio::spawn(serve(
+                                    listener,
+                                    service,
+                                    stop.clone(),
+                                    connections.clone(),
+                                ))),
+                                Err(e) => {
+                                    warn!(worker = index, error = %e, "cannot register listener")
+                                }
+                            }
+                        }
+                        // UDP flows have no end to wait for: on stop the loop ends them.
+                        WorkerSocket::Udp(service, socket) => accept_loops
+                            .push(tokio::spawn(serve_udp(socket, service, stop.clone()))),
                     }
                 }
                 for accept_loop in accept_loops {

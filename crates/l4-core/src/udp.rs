@@ -1,0 +1,461 @@
+//! A UDP listener's service: datagrams from a client form a flow, pinned to one backend
+//! through a connected UDP socket; the backend's datagrams go back to the client from the
+//! listener's own address.
+//!
+//! Each worker owns a [`FlowTable`] for its `SO_REUSEPORT` socket (the kernel keeps a
+//! client on one socket), so the table needs no lock. Each flow has a small reply task that
+//! waits on its backend socket and forwards through the worker's shared 64 KiB buffer: a
+//! flow costs a socket and a few hundred bytes, never a buffer of its own. Datagrams are
+//! forwarded one for one: never split, merged or reordered within a flow.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use l4_balance::{BackendHandle, BackendState, FlowKey, Pool, Protocol};
+use l4_health::Passive;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::admission::AccessList;
+use crate::flow::{FlowEnd, FlowTable};
+
+/// The largest UDP payload over IPv4; every datagram up to this passes unchanged.
+pub const MAX_DATAGRAM: usize = 65_507;
+const BUFFER: usize = 65_536;
+/// Datagrams handled per wake-up before the loop gives the expiry sweep a turn.
+const BATCH: usize = 256;
+
+/// Counters of one UDP listener, shared by its workers.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Flows in the tables now.
+    pub flows_active: AtomicU64,
+    /// Flows ever created.
+    pub flows_created: AtomicU64,
+    /// Flows evicted by the `max_flows` cap.
+    pub flows_evicted: AtomicU64,
+    /// Flows ended by `idle_timeout`.
+    pub flows_expired: AtomicU64,
+    /// Datagrams client -> backend.
+    pub datagrams_in: AtomicU64,
+    /// Bytes client -> backend.
+    pub bytes_in: AtomicU64,
+    /// Datagrams backend -> client.
+    pub datagrams_out: AtomicU64,
+    /// Bytes backend -> client.
+    pub bytes_out: AtomicU64,
+    /// Dropped: the pool had no usable backend.
+    pub dropped_no_backend: AtomicU64,
+    /// Dropped: the source is not allowed.
+    pub dropped_denied: AtomicU64,
+    /// Dropped: no socket could be opened to the backend.
+    pub dropped_no_socket: AtomicU64,
+    /// Dropped: the backend's port is closed (ICMP port unreachable).
+    pub dropped_unreachable: AtomicU64,
+    /// Dropped: a socket buffer was full.
+    pub dropped_busy: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl fmt::Display for UdpStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "flows_active={} flows_created={} flows_evicted={} flows_expired={} datagrams_in={} bytes_in={} datagrams_out={} bytes_out={} dropped_no_backend={} dropped_denied={} dropped_no_socket={} dropped_unreachable={} dropped_busy={}",
+            g(&self.flows_active),
+            g(&self.flows_created),
+            g(&self.flows_evicted),
+            g(&self.flows_expired),
+            g(&self.datagrams_in),
+            g(&self.bytes_in),
+            g(&self.datagrams_out),
+            g(&self.bytes_out),
+            g(&self.dropped_no_backend),
+            g(&self.dropped_denied),
+            g(&self.dropped_no_socket),
+            g(&self.dropped_unreachable),
+            g(&self.dropped_busy),
+        )
+    }
+}
+
+/// Everything a UDP listener needs. Shared by all its workers.
+#[derive(Debug)]
+pub struct UdpService {
+    /// The listener's name, for logs.
+    pub name: Arc<str>,
+    /// The configured address: the local half of the flow key (see `TcpService::bind`).
+    pub bind: SocketAddr,
+    /// Where flows go.
+    pub pool: Arc<Pool>,
+    /// Where unreachable backends are reported.
+    pub passive: Arc<Passive>,
+    /// A flow ends after this long without a datagram either way.
+    pub idle_timeout: Duration,
+    /// Flows per worker at most (the listener's `max_flows` split over its workers).
+    pub max_flows_per_worker: usize,
+    /// Who may send.
+    pub access: AccessList,
+    /// Counters.
+    pub stats: Arc<UdpStats>,
+}
+
+/// State shared between a flow's entry in the table and its reply task.
+#[derive(Debug)]
+struct FlowShared {
+    /// Milliseconds after the worker's epoch of the last backend datagram (0: none).
+    last_reply_ms: AtomicU64,
+    datagrams_out: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// One flow: its backend socket, the backend it counts against, and its reply task.
+struct Flow {
+    socket: Arc<UdpSocket>,
+    backend: BackendHandle,
+    shared: Arc<FlowShared>,
+    reply: JoinHandle<()>,
+    started: Instant,
+    datagrams_in: u64,
+    bytes_in: u64,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        // Ends the reply task and, with the last Arc, closes the backend socket.
+        self.reply.abort();
+    }
+}
+
+thread_local! {
+    /// One reply buffer per worker thread, borrowed only between two awaits.
+    static REPLY_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUFFER]);
+}
+
+/// Sends without consulting tokio's readiness: UDP never waits to send (a full buffer drops
+/// the datagram), and a socket tokio has not yet seen writable would refuse every send.
+fn send(socket: &UdpSocket, payload: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send(payload)
+}
+
+/// As [`send`], to an address.
+fn send_to(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(payload, &to.into())
+}
+
+fn is_unreachable(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::ConnectionRefused
+}
+
+/// A worker's half of a UDP listener.
+struct Worker {
+    service: Arc<UdpService>,
+    listener: Arc<UdpSocket>,
+    table: FlowTable<Flow>,
+    epoch: Instant,
+}
+
+/// Serves datagrams on `socket` until `stop`; ends every flow on return.
+pub async fn serve_udp(
+    socket: std::net::UdpSocket,
+    service: Arc<UdpService>,
+    stop: CancellationToken,
+) {
+    let listener = match UdpSocket::from_std(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(listener = %service.name, error = %e, "cannot register udp socket");
+            return;
+        }
+    };
+    let mut worker = Worker {
+        table: FlowTable::new(service.max_flows_per_worker, service.idle_timeout),
+        service,
+        listener,
+        epoch: Instant::now(),
+    };
+    let sweep_every =
+        (worker.service.idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(sweep_every);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = sweep.tick() => worker.expire(),
+            ready = worker.listener.readable() => {
+                if ready.is_err() {
+                    continue;
+                }
+                for _ in 0..BATCH {
+                    match worker.listener.try_recv_from(&mut buf) {
+                        Ok((n, client)) => worker.datagram(client, &buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        // An unconnected socket may report a past ICMP error; nothing to do.
+                        Err(e) => {
+                            debug!(listener = %worker.service.name, error = %e, "udp receive error");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (client, flow) in worker.table.drain() {
+        worker.end(client, flow, FlowEnd::Shutdown);
+    }
+}
+
+impl Worker {
+    fn expire(&mut self) {
+        let epoch = self.epoch;
+        let expired = self.table.expire(Instant::now(), |flow| {
+            let ms = flow.shared.last_reply_ms.load(Ordering::Relaxed);
+            (ms > 0).then(|| epoch + Duration::from_millis(ms))
+        });
+        for (client, flow) in expired {
+            bump(&self.service.stats.flows_expired, 1);
+            self.end(client, flow, FlowEnd::Idle);
+        }
+    }
+
+    fn datagram(&mut self, client: SocketAddr, payload: &[u8]) {
+        let stats = Arc::clone(&self.service.stats);
+        if !self.service.access.admits(client.ip()) {
+            bump(&stats.dropped_denied, 1);
+            return;
+        }
+        let now = Instant::now();
+        let usable = self
+            .table
+            .get_mut(&client, now)
+            .map(|flow| flow.backend.state().is_usable());
+        match usable {
+            Some(true) => {}
+            Some(false) => {
+                // The flow's backend went down: this datagram re-selects.
+                if let Some(flow) = self.table.remove(&client) {
+                    self.end(client, flow, FlowEnd::BackendDown);
+                }
+                if !self.open(client, now) {
+                    return;
+                }
+            }
+            None => {
+                if !self.open(client, now) {
+                    return;
+                }
+            }
+        }
+        let Some(flow) = self.table.get_mut(&client, now) else {
+            return;
+        };
+        match send(&flow.socket, payload) {
+            Ok(_) => {
+                flow.datagrams_in += 1;
+                flow.bytes_in += payload.len() as u64;
+                bump(&stats.datagrams_in, 1);
+                bump(&stats.bytes_in, payload.len() as u64);
+            }
+            Err(e) if is_unreachable(&e) => {
+                bump(&stats.dropped_unreachable, 1);
+                let state = Arc::clone(flow.backend.state());
+                self.service
+                    .passive
+                    .connect_failed(&state, &"udp port unreachable");
+            }
+            Err(_) => bump(&stats.dropped_busy, 1),
+        }
+    }
+
+    /// Opens a flow for `client`: selects a backend, connects a socket to it, starts the
+    /// reply task. Returns false (datagram dropped) when no backend or socket can be had.
+    fn open(&mut self, client: SocketAddr, now: Instant) -> bool {
+        let stats = Arc::clone(&self.service.stats);
+        let key = FlowKey {
+            client,
+            local: self.flow_local(),
+            protocol: Protocol::Udp,
+        };
+        let mut tried = Vec::new();
+        let (backend, socket) = loop {
+            let Some(backend) = self.service.pool.select(&key, &tried) else {
+                bump(&stats.dropped_no_backend, 1);
+                return false;
+            };
+            match self.connect(backend.addr()) {
+                Ok(socket) => break (backend, socket),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    // Out of descriptors: give up the least recently used flow for this one.
+                    if let Some((old, flow)) = self.table.pop_oldest() {
+                        bump(&stats.flows_evicted, 1);
+                        self.end(old, flow, FlowEnd::Evicted);
+                        if let Ok(socket) = self.connect(backend.addr()) {
+                            break (backend, socket);
+                        }
+                    }
+                    bump(&stats.dropped_no_socket, 1);
+                    return false;
+                }
+                Err(e) => {
+                    debug!(backend = %backend.addr(), error = %e, "udp connect failed");
+                    tried.push(backend.addr());
+                    if tried.len() > 8 {
+                        bump(&stats.dropped_no_socket, 1);
+                        return false;
+                    }
+                }
+            }
+        };
+        let socket = Arc::new(socket);
+        let shared = Arc::new(FlowShared {
+            last_reply_ms: AtomicU64::new(0),
+            datagrams_out: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        });
+        let reply = tokio::spawn(reply_loop(ReplyPath {
+            backend_socket: Arc::clone(&socket),
+            listener: Arc::clone(&self.listener),
+            client,
+            shared: Arc::clone(&shared),
+            backend: Arc::clone(backend.state()),
+            passive: Arc::clone(&self.service.passive),
+            stats: Arc::clone(&stats),
+            epoch: self.epoch,
+        }));
+        let flow = Flow {
+            socket,
+            backend,
+            shared,
+            reply,
+            started: now,
+            datagrams_in: 0,
+            bytes_in: 0,
+        };
+        bump(&stats.flows_created, 1);
+        bump(&stats.flows_active, 1);
+        if let Some((old, evicted)) = self.table.insert(client, flow, now) {
+            let reason = if old == client {
+                FlowEnd::BackendDown
+            } else {
+                FlowEnd::Evicted
+            };
+            if reason == FlowEnd::Evicted {
+                bump(&stats.flows_evicted, 1);
+            }
+            self.end(old, evicted, reason);
+        }
+        true
+    }
+
+    fn flow_local(&self) -> SocketAddr {
+        let bind = self.service.bind;
+        if bind.ip().is_unspecified() {
+            self.listener
+                .local_addr()
+                .map_or(bind, |a| SocketAddr::new(a.ip(), bind.port()))
+        } else {
+            bind
+        }
+    }
+
+    fn connect(&self, backend: SocketAddr) -> io::Result<UdpSocket> {
+        let any: IpAddr = match backend {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
+        socket.connect(backend)?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket)
+    }
+
+    fn end(&self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
+        self.service
+            .stats
+            .flows_active
+            .fetch_sub(1, Ordering::Relaxed);
+        info!(
+            listener = %self.service.name,
+            client = %client,
+            backend = %flow.backend.addr(),
+            datagrams_in = flow.datagrams_in,
+            bytes_in = flow.bytes_in,
+            datagrams_out = flow.shared.datagrams_out.load(Ordering::Relaxed),
+            bytes_out = flow.shared.bytes_out.load(Ordering::Relaxed),
+            duration_ms = flow.started.elapsed().as_millis() as u64,
+            end = reason.as_str(),
+            "flow closed"
+        );
+    }
+}
+
+/// What a flow's reply task needs.
+struct ReplyPath {
+    backend_socket: Arc<UdpSocket>,
+    listener: Arc<UdpSocket>,
+    client: SocketAddr,
+    shared: Arc<FlowShared>,
+    backend: Arc<BackendState>,
+    passive: Arc<Passive>,
+    stats: Arc<UdpStats>,
+    epoch: Instant,
+}
+
+/// Forwards the backend's datagrams to the client until the flow ends (the task is
+/// aborted when its flow leaves the table).
+async fn reply_loop(path: ReplyPath) {
+    loop {
+        if path.backend_socket.readable().await.is_err() {
+            return;
+        }
+        for _ in 0..BATCH {
+            let forwarded = REPLY_BUFFER.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let n = path.backend_socket.try_recv(&mut buf)?;
+                match send_to(&path.listener, &buf[..n], path.client) {
+                    Ok(_) => Ok(Some(n)),
+                    // The client's side is full: UDP may drop, and must not stall the flow.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    Err(e) => Err(e),
+                }
+            });
+            match forwarded {
+                Ok(Some(n)) => {
+                    bump(&path.shared.datagrams_out, 1);
+                    bump(&path.shared.bytes_out, n as u64);
+                    bump(&path.stats.datagrams_out, 1);
+                    bump(&path.stats.bytes_out, n as u64);
+                    let ms = u64::try_from(path.epoch.elapsed().as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1);
+                    path.shared.last_reply_ms.store(ms, Ordering::Relaxed);
+                }
+                Ok(None) => bump(&path.stats.dropped_busy, 1),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if is_unreachable(&e) => {
+                    // ICMP port unreachable from the backend: a passive health failure.
+                    bump(&path.stats.dropped_unreachable, 1);
+                    path.passive
+                        .connect_failed(&path.backend, &"udp port unreachable");
+                    break;
+                }
+                Err(e) => {
+                    debug!(client = %path.client, error = %e, "udp reply error");
+                    break;
+                }
+            }
+        }
+    }
+}
