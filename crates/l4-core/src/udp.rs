@@ -4,9 +4,11 @@
 //!
 //! Each worker owns a [`FlowTable`] for its `SO_REUSEPORT` socket (the kernel keeps a
 //! client on one socket), so the table needs no lock. Each flow has a small reply task that
-//! waits on its backend socket and forwards through the worker's shared 64 KiB buffer: a
-//! flow costs a socket and a few hundred bytes, never a buffer of its own. Datagrams are
-//! forwarded one for one: never split, merged or reordered within a flow.
+//! waits on its backend socket and forwards through the worker's shared batch buffers: a
+//! flow costs a socket and about a kilobyte, never a buffer of its own. Datagrams move in
+//! batches (`recvmmsg`, then one `sendmmsg` per run of one client's datagrams; sends never
+//! wait on tokio's writability: UDP drops when a buffer is full), one for one: never
+//! split, merged or reordered within a flow.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -18,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use l4_balance::{BackendHandle, BackendState, FlowKey, Pool, Protocol};
 use l4_health::Passive;
+use std::os::fd::AsFd;
+
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -25,12 +30,12 @@ use tracing::{debug, info, warn};
 
 use crate::admission::AccessList;
 use crate::flow::{FlowEnd, FlowTable};
+use crate::sys::{send_batch, RecvBatch, BATCH};
 
 /// The largest UDP payload over IPv4; every datagram up to this passes unchanged.
 pub const MAX_DATAGRAM: usize = 65_507;
-const BUFFER: usize = 65_536;
-/// Datagrams handled per wake-up before the loop gives the expiry sweep a turn.
-const BATCH: usize = 256;
+/// `recvmmsg` calls per wake-up before the loop gives the expiry sweep a turn.
+const ROUNDS: usize = 8;
 
 /// Counters of one UDP listener, shared by its workers.
 #[derive(Debug, Default)]
@@ -139,19 +144,8 @@ impl Drop for Flow {
 }
 
 thread_local! {
-    /// One reply buffer per worker thread, borrowed only between two awaits.
-    static REPLY_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUFFER]);
-}
-
-/// Sends without consulting tokio's readiness: UDP never waits to send (a full buffer drops
-/// the datagram), and a socket tokio has not yet seen writable would refuse every send.
-fn send(socket: &UdpSocket, payload: &[u8]) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send(payload)
-}
-
-/// As [`send`], to an address.
-fn send_to(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send_to(payload, &to.into())
+    /// One reply batch per worker thread, borrowed only between two awaits.
+    static REPLY_BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::default());
 }
 
 fn is_unreachable(e: &io::Error) -> bool {
@@ -189,7 +183,7 @@ pub async fn serve_udp(
         (worker.service.idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = vec![0u8; BUFFER];
+    let mut batch = RecvBatch::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -198,9 +192,21 @@ pub async fn serve_udp(
                 if ready.is_err() {
                     continue;
                 }
-                for _ in 0..BATCH {
-                    match worker.listener.try_recv_from(&mut buf) {
-                        Ok((n, client)) => worker.datagram(client, &buf[..n]),
+                for _ in 0..ROUNDS {
+                    let listener = &worker.listener;
+                    let received = listener
+                        .try_io(Interest::READABLE, || batch.recv(listener.as_fd()));
+                    match received {
+                        Ok(n) => {
+                            worker.forward_batch(&batch, n);
+                            // A short batch means the queue is drained for now. Going round
+                            // the select again (readiness still set) instead of asking for
+                            // EAGAIN saves a syscall per wake-up; under load the next
+                            // recvmmsg finds datagrams that arrived meanwhile.
+                            if n < BATCH {
+                                break;
+                            }
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         // An unconnected socket may report a past ICMP error; nothing to do.
                         Err(e) => {
@@ -230,10 +236,32 @@ impl Worker {
         }
     }
 
-    fn datagram(&mut self, client: SocketAddr, payload: &[u8]) {
+    /// Forwards a received batch: consecutive datagrams of one client go to its backend
+    /// in one `sendmmsg`.
+    fn forward_batch(&mut self, batch: &RecvBatch, n: usize) {
+        let mut i = 0;
+        while i < n {
+            let (client, _) = batch.get(i);
+            let mut j = i + 1;
+            while j < n && batch.get(j).0 == client {
+                j += 1;
+            }
+            if let Some(client) = client {
+                let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
+                for (k, slot) in (i..j).zip(payloads.iter_mut()) {
+                    *slot = batch.get(k).1;
+                }
+                self.forward(client, &payloads[..j - i]);
+            }
+            i = j;
+        }
+    }
+
+    fn forward(&mut self, client: SocketAddr, payloads: &[&[u8]]) {
         let stats = Arc::clone(&self.service.stats);
+        let count = payloads.len() as u64;
         if !self.service.access.admits(client.ip()) {
-            bump(&stats.dropped_denied, 1);
+            bump(&stats.dropped_denied, count);
             return;
         }
         let now = Instant::now();
@@ -248,12 +276,12 @@ impl Worker {
                 if let Some(flow) = self.table.remove(&client) {
                     self.end(client, flow, FlowEnd::BackendDown);
                 }
-                if !self.open(client, now) {
+                if !self.open(client, now, count) {
                     return;
                 }
             }
             None => {
-                if !self.open(client, now) {
+                if !self.open(client, now, count) {
                     return;
                 }
             }
@@ -261,27 +289,29 @@ impl Worker {
         let Some(flow) = self.table.get_mut(&client, now) else {
             return;
         };
-        match send(&flow.socket, payload) {
-            Ok(_) => {
-                flow.datagrams_in += 1;
-                flow.bytes_in += payload.len() as u64;
-                bump(&stats.datagrams_in, 1);
-                bump(&stats.bytes_in, payload.len() as u64);
+        match send_batch(flow.socket.as_fd(), payloads, None) {
+            Ok(sent) => {
+                let bytes: u64 = payloads[..sent].iter().map(|p| p.len() as u64).sum();
+                flow.datagrams_in += sent as u64;
+                flow.bytes_in += bytes;
+                bump(&stats.datagrams_in, sent as u64);
+                bump(&stats.bytes_in, bytes);
+                bump(&stats.dropped_busy, count - sent as u64);
             }
             Err(e) if is_unreachable(&e) => {
-                bump(&stats.dropped_unreachable, 1);
+                bump(&stats.dropped_unreachable, count);
                 let state = Arc::clone(flow.backend.state());
                 self.service
                     .passive
                     .connect_failed(&state, &"udp port unreachable");
             }
-            Err(_) => bump(&stats.dropped_busy, 1),
+            Err(_) => bump(&stats.dropped_busy, count),
         }
     }
 
     /// Opens a flow for `client`: selects a backend, connects a socket to it, starts the
     /// reply task. Returns false (datagram dropped) when no backend or socket can be had.
-    fn open(&mut self, client: SocketAddr, now: Instant) -> bool {
+    fn open(&mut self, client: SocketAddr, now: Instant, datagrams: u64) -> bool {
         let stats = Arc::clone(&self.service.stats);
         let key = FlowKey {
             client,
@@ -291,7 +321,7 @@ impl Worker {
         let mut tried = Vec::new();
         let (backend, socket) = loop {
             let Some(backend) = self.service.pool.select(&key, &tried) else {
-                bump(&stats.dropped_no_backend, 1);
+                bump(&stats.dropped_no_backend, datagrams);
                 return false;
             };
             match self.connect(backend.addr()) {
@@ -305,14 +335,14 @@ impl Worker {
                             break (backend, socket);
                         }
                     }
-                    bump(&stats.dropped_no_socket, 1);
+                    bump(&stats.dropped_no_socket, datagrams);
                     return false;
                 }
                 Err(e) => {
                     debug!(backend = %backend.addr(), error = %e, "udp connect failed");
                     tried.push(backend.addr());
                     if tried.len() > 8 {
-                        bump(&stats.dropped_no_socket, 1);
+                        bump(&stats.dropped_no_socket, datagrams);
                         return false;
                     }
                 }
@@ -420,29 +450,37 @@ async fn reply_loop(path: ReplyPath) {
         if path.backend_socket.readable().await.is_err() {
             return;
         }
-        for _ in 0..BATCH {
-            let forwarded = REPLY_BUFFER.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                let n = path.backend_socket.try_recv(&mut buf)?;
-                match send_to(&path.listener, &buf[..n], path.client) {
-                    Ok(_) => Ok(Some(n)),
-                    // The client's side is full: UDP may drop, and must not stall the flow.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                    Err(e) => Err(e),
+        for _ in 0..ROUNDS {
+            let forwarded = REPLY_BATCH.with(|batch| {
+                let mut batch = batch.borrow_mut();
+                let socket = &path.backend_socket;
+                let n = socket.try_io(Interest::READABLE, || batch.recv(socket.as_fd()))?;
+                let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
+                for (i, slot) in payloads.iter_mut().enumerate().take(n) {
+                    *slot = batch.get(i).1;
                 }
+                let payloads = &payloads[..n];
+                // A full client buffer drops datagrams (UDP may), never stalls the flow.
+                let sent = match send_batch(path.listener.as_fd(), payloads, Some(path.client)) {
+                    Ok(sent) => sent,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                };
+                let bytes: u64 = payloads[..sent].iter().map(|p| p.len() as u64).sum();
+                Ok((n, sent, bytes))
             });
             match forwarded {
-                Ok(Some(n)) => {
-                    bump(&path.shared.datagrams_out, 1);
-                    bump(&path.shared.bytes_out, n as u64);
-                    bump(&path.stats.datagrams_out, 1);
-                    bump(&path.stats.bytes_out, n as u64);
+                Ok((n, sent, bytes)) => {
+                    bump(&path.shared.datagrams_out, sent as u64);
+                    bump(&path.shared.bytes_out, bytes);
+                    bump(&path.stats.datagrams_out, sent as u64);
+                    bump(&path.stats.bytes_out, bytes);
+                    bump(&path.stats.dropped_busy, (n - sent) as u64);
                     let ms = u64::try_from(path.epoch.elapsed().as_millis())
                         .unwrap_or(u64::MAX)
                         .max(1);
                     path.shared.last_reply_ms.store(ms, Ordering::Relaxed);
                 }
-                Ok(None) => bump(&path.stats.dropped_busy, 1),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if is_unreachable(&e) => {
                     // ICMP port unreachable from the backend: a passive health failure.

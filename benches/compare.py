@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: l4lb vs HAProxy (mode tcp, splice-auto) vs nginx stream vs the
+backend directly, on loopback, same worker count, scenarios interleaved over rounds.
+
+Run through scripts/bench.sh, which installs the tools and builds l4lb. Prints one
+table of medians with the ratios l4lb/HAProxy, l4lb/nginx and l4lb/direct. Everything
+it starts is stopped by pid on exit. Load goes to 127.0.0.1 only.
+"""
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L4LB = os.path.join(ROOT, "target", "release", "l4lb")
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "2"))
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "7500"))
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+
+HTTP_BACKENDS = [18081, 18082]
+IPERF = 15201
+PORTS = {  # target -> (http port, iperf port)
+    "direct": (HTTP_BACKENDS[0], IPERF),
+    "l4lb": (18101, 15202),
+    "haproxy": (18102, 15203),
+    "nginx": (18103, 15204),
+}
+
+procs = []
+tmp = tempfile.mkdtemp(prefix="l4lb-bench-")
+
+
+def start(cmd, **kw):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, os.path.basename(cmd[0]) + ".err"), "a"), **kw)
+    procs.append(p)
+    return p
+
+
+def stop_all():
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+def write(name, text):
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def start_backends():
+    servers = "\n".join(
+        f"server {{ listen 127.0.0.1:{p} reuseport; access_log off; location / {{ return 200 'hello from {p}\\n'; }} }}"
+        for p in HTTP_BACKENDS
+    )
+    conf = write("backend-nginx.conf", f"""
+worker_processes 1;
+pid {tmp}/backend-nginx.pid;
+error_log {tmp}/backend-nginx.log warn;
+events {{ worker_connections 65536; }}
+worker_rlimit_nofile 19000;
+http {{ keepalive_requests 1000000; {servers} }}
+""")
+    start(["nginx", "-g", "daemon off;", "-c", conf, "-p", tmp])
+    start(["iperf3", "-s", "-p", str(IPERF), "-B", "127.0.0.1"])
+    for p in HTTP_BACKENDS + [IPERF]:
+        wait_port(p)
+
+
+def start_proxies():
+    http, iperf = PORTS["l4lb"]
+    backends = "\n".join(f"      - {{ address: 127.0.0.1:{p} }}" for p in HTTP_BACKENDS)
+    conf = write("l4lb.yaml", f"""
+workers: {WORKERS}
+drain_timeout: 1s
+listeners:
+  - {{ name: http, bind: "127.0.0.1:{http}", pool: http, max_connections: 200000 }}
+  - {{ name: iperf, bind: "127.0.0.1:{iperf}", pool: iperf }}
+  - {{ name: iperf-udp, bind: "127.0.0.1:{iperf}", protocol: udp, pool: iperf-udp }}
+pools:
+  - name: http
+    backends:
+{backends}
+  - name: iperf
+    backends: [ {{ address: "127.0.0.1:{IPERF}" }} ]
+  - name: iperf-udp
+    backends: [ {{ address: "127.0.0.1:{IPERF}" }} ]
+""")
+    env = dict(os.environ, L4LB_LOG="warn")
+    l4 = start([L4LB, "--config", conf], env=env)
+
+    http, iperf = PORTS["haproxy"]
+    servers = "\n".join(f"    server b{p} 127.0.0.1:{p}" for p in HTTP_BACKENDS)
+    conf = write("haproxy.cfg", f"""
+global
+    nbthread {WORKERS}
+    maxconn 7900
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 3s
+    timeout client 60s
+    timeout server 60s
+frontend http
+    bind 127.0.0.1:{http}
+    default_backend http
+backend http
+    balance roundrobin
+{servers}
+frontend iperf
+    bind 127.0.0.1:{iperf}
+    default_backend iperf
+backend iperf
+    server iperf 127.0.0.1:{IPERF}
+""")
+    ha = start(["haproxy", "-db", "-f", conf])
+
+    http, iperf = PORTS["nginx"]
+    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in HTTP_BACKENDS)
+    conf = write("nginx-stream.conf", f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes {WORKERS};
+pid {tmp}/nginx-stream.pid;
+error_log {tmp}/nginx-stream.log warn;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 19000; }}
+stream {{
+  upstream http {{
+{servers}
+  }}
+  upstream iperf {{ server 127.0.0.1:{IPERF}; }}
+  server {{ listen 127.0.0.1:{http} reuseport; proxy_pass http; }}
+  server {{ listen 127.0.0.1:{iperf} reuseport; proxy_pass iperf; }}
+  server {{ listen 127.0.0.1:{iperf} udp reuseport; proxy_pass iperf; proxy_timeout 10s; }}
+}}
+""")
+    ng = start(["nginx", "-g", "daemon off;", "-c", conf, "-p", tmp])
+    for t in ("l4lb", "haproxy", "nginx"):
+        for p in PORTS[t]:
+            wait_port(p)
+    return {"l4lb": [l4.pid], "haproxy": [ha.pid], "nginx": [ng.pid]}
+
+
+def run(cmd, timeout=60):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def iperf(port, *extra):
+    for _ in range(3):  # the iperf3 server serves one test at a time; retry if busy
+        r = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS), "-J", *extra])
+        try:
+            data = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            time.sleep(0.5)
+            continue
+        if "error" in data:
+            time.sleep(0.5)
+            continue
+        return data
+    return None
+
+
+def tcp_gbps(port, *extra):
+    d = iperf(port, *extra)
+    return d and d["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def udp_kpps(port):
+    d = iperf(port, "-u", "-b", "0", "-l", "64")
+    if not d:
+        return None
+    s = d["end"]["sum"]
+    return (s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3
+
+
+def parse_latency(text, label):
+    m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not m:
+        return None
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v if unit == "ms" else v * 1000
+
+
+def wrk(port, conns, close):
+    cmd = ["wrk", "-t", "2", "-c", str(conns), "-d", f"{SECONDS}s", "--latency"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    r = run(cmd + [f"http://127.0.0.1:{port}/"])
+    m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
+    errors = re.search(r"Socket errors: (.*)", r.stdout)
+    return {
+        "rps": float(m.group(1)) if m else None,
+        "p50": parse_latency(r.stdout, "50"),
+        "p99": parse_latency(r.stdout, "99"),
+        "errors": errors.group(1) if errors else "",
+    }
+
+
+def proc_tree(pids):
+    out = set(pids)
+    changed = True
+    while changed:
+        changed = False
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) not in out:
+                try:
+                    ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid in out:
+                    out.add(int(d))
+                    changed = True
+    return out
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in proc_tree(pids):
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def cpu_seconds(pids):
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in proc_tree(pids):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def idle_memory(port, pids):
+    """KiB of proxy RSS per idle proxied connection, with IDLE_CONNS open."""
+    before = rss_kib(pids)
+    conns = []
+    for i in range(IDLE_CONNS):
+        s = socket.socket()
+        s.bind((f"127.0.{10 + i // 50000}.{1 + (i // 250) % 200}", 0))
+        s.connect(("127.0.0.1", port))
+        conns.append(s)
+    # An HTTP backend keeps an idle connection open; give the proxy a moment to connect
+    # each one upstream (its connects are what we measure), bounded.
+    deadline = time.time() + 10
+    last = -1
+    while time.time() < deadline:
+        now = rss_kib(pids)
+        if now == last:
+            break
+        last = now
+        time.sleep(0.5)
+    after = rss_kib(pids)
+    for s in conns:
+        s.close()
+    return (after - before) / IDLE_CONNS
+
+
+def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for tool in ("iperf3", "wrk", "haproxy", "nginx"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} missing: run scripts/bench.sh")
+    started = time.time()
+    start_backends()
+    pids = start_proxies()
+    targets = ["direct", "l4lb", "haproxy", "nginx"]
+    scenarios = [
+        ("tcp 1 stream (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1])),
+        ("tcp 4 streams (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-P", "4")),
+        ("tcp 1 stream -R (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-R")),
+        ("tcp 4 streams -R (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-P", "4", "-R")),
+        ("udp 64B (k datagrams/s)", lambda t: None if t == "haproxy" else udp_kpps(PORTS[t][1])),
+        ("new conn/s, 32 conns", lambda t: wrk(PORTS[t][0], 32, True)["rps"]),
+        ("new conn/s, 256 conns", lambda t: wrk(PORTS[t][0], 256, True)["rps"]),
+        ("keep-alive req/s, 64 conns", "ka"),
+    ]
+    if ONLY:
+        scenarios = [s for s in scenarios if any(o in s[0] for o in ONLY)]
+    results = {}
+    cpu_per_gb = []
+    for rnd in range(ROUNDS):
+        for name, fn in scenarios:
+            for t in targets:
+                if fn == "ka":
+                    r = wrk(PORTS[t][0], 64, False)
+                    for key, label in (("rps", name), ("p50", "keep-alive p50 (ms)"), ("p99", "keep-alive p99 (ms)")):
+                        results.setdefault(label, {}).setdefault(t, []).append(r[key])
+                    continue
+                if t == "l4lb" and name == "tcp 1 stream (Gbit/s)":
+                    c0 = cpu_seconds(pids["l4lb"])
+                    t0 = time.time()
+                    v = fn(t)
+                    spent = cpu_seconds(pids["l4lb"]) - c0
+                    if v:
+                        gb = v * (time.time() - t0) / 8
+                        cpu_per_gb.append(spent / gb)
+                else:
+                    v = fn(t)
+                results.setdefault(name, {}).setdefault(t, []).append(v)
+        print(f"round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f}s)", file=sys.stderr)
+    if not ONLY or "idle" in ONLY:
+        for t in ("l4lb", "haproxy", "nginx"):
+            results.setdefault(f"idle memory per conn at {IDLE_CONNS} (KiB)", {})[t] = [idle_memory(PORTS[t][0], pids[t])]
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return statistics.median(xs) if xs else None
+
+    def fmt(v):
+        return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
+
+    def ratio(a, b):
+        return "-" if a is None or not b else f"{a / b:.2f}x"
+
+    header = f"| scenario | direct | l4lb | HAProxy | nginx | l4lb/HAProxy | l4lb/nginx | l4lb/direct |"
+    print(header)
+    print("|" + "---|" * 8)
+    for name, per in results.items():
+        m = {t: med(per.get(t, [])) for t in targets}
+        print(f"| {name} | {fmt(m['direct'])} | {fmt(m['l4lb'])} | {fmt(m['haproxy'])} | {fmt(m['nginx'])} | "
+              f"{ratio(m['l4lb'], m['haproxy'])} | {ratio(m['l4lb'], m['nginx'])} | {ratio(m['l4lb'], m['direct'])} |")
+    if cpu_per_gb:
+        print(f"\nl4lb CPU seconds per GB relayed (tcp 1 stream): {statistics.median(cpu_per_gb):.3f}")
+    print(f"\n{ROUNDS} rounds, {SECONDS}s per run, {WORKERS} workers each, medians; {time.time() - started:.0f}s in all")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
