@@ -91,13 +91,46 @@ async fn big_transfer(relay: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact_with_splice() {
     let line = big_transfer("splice").await;
-    assert_eq!(field(&line, "spliced").as_deref(), Some("true"), "{line}");
+    let spliced: u64 = field(&line, "spliced_bytes").unwrap().parse().unwrap();
+    assert_eq!(spliced, 2 * BIG as u64, "every byte spliced: {line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact_with_copy() {
     let line = big_transfer("copy").await;
-    assert_eq!(field(&line, "spliced").as_deref(), Some("false"), "{line}");
+    assert_eq!(
+        field(&line, "spliced_bytes").as_deref(),
+        Some("0"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_arrive_intact_with_auto_switching_to_splice() {
+    let line = big_transfer("auto").await;
+    let spliced: u64 = field(&line, "spliced_bytes").unwrap().parse().unwrap();
+    assert!(spliced > BIG as u64, "bulk moved to splice: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_copies_small_exchanges() {
+    let b = echo_backend().await;
+    let lb = Balancer::start(&config(&[b], "", ""));
+    let mut c = TcpStream::connect(lb.addr()).await.unwrap();
+    for i in 0..20u8 {
+        let msg = vec![i; 100 + usize::from(i)];
+        c.write_all(&msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    drop(c);
+    let line = lb.wait_for_log(|l| l.contains("connection closed"));
+    assert_eq!(
+        field(&line, "spliced_bytes").as_deref(),
+        Some("0"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

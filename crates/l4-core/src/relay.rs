@@ -12,7 +12,13 @@
 //! - an idle direction holds no pipe: it takes one from the worker's pool when its socket
 //!   turns readable and returns it once drained;
 //! - if splice is refused (`EINVAL`, `ENOSYS`, ...) or no pipe can be had, the direction
-//!   falls back to a userspace copy, but only before its first byte has moved.
+//!   falls back to a userspace copy; no byte is ever left behind in a pipe when it does.
+//!
+//! Splice pays off for bulk transfers and costs more than a plain read and write for small
+//! messages (pipe bookkeeping, page references). The default mode, `Auto`, does what
+//! HAProxy's `splice-auto` does: it copies through a per-worker scratch buffer (no
+//! allocation per connection) and switches a direction to splice once reads keep filling
+//! the buffer, i.e. once the direction carries bulk data.
 
 use std::io;
 use std::net::Shutdown;
@@ -29,10 +35,13 @@ use crate::pipe_pool;
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayMode {
-    /// `splice(2)` through a pipe; falls back to copying where splice is unavailable.
+    /// Copy small exchanges, splice bulk transfers (see the module doc).
     #[default]
+    Auto,
+    /// `splice(2)` through a pipe from the first byte; falls back to copying where splice
+    /// is unavailable.
     Splice,
-    /// Userspace copy through a buffer.
+    /// Userspace copy only.
     Copy,
 }
 
@@ -98,8 +107,8 @@ pub struct RelayReport {
     pub end: RelayEnd,
     /// The I/O error behind a reset, if any.
     pub error: Option<io::ErrorKind>,
-    /// Whether every byte moved with splice (false once either direction fell back).
-    pub spliced: bool,
+    /// Bytes (both ways) that moved with splice rather than through user space.
+    pub spliced_bytes: u64,
 }
 
 /// Counters the two directions share with the relay and its idle watch.
@@ -110,7 +119,7 @@ struct Progress {
     backend_to_client: AtomicU64,
     /// Milliseconds after `start` of the last byte moved either way.
     last_activity_ms: AtomicU64,
-    copied: AtomicU64,
+    spliced: AtomicU64,
 }
 
 impl Progress {
@@ -151,7 +160,35 @@ struct Direction<'a> {
     on_first_byte: FirstByteHook<'a>,
 }
 
+/// Bytes read at once on the copy path; a direction whose reads keep filling it is bulk.
 const COPY_BUFFER: usize = 64 * 1024;
+/// Consecutive full reads after which `Auto` switches a direction to splice.
+const BULK_READS: u32 = 2;
+
+thread_local! {
+    /// The copy path's buffer, one per worker thread: a message read is written out at
+    /// once, so it only needs to live between two awaits. Bytes the peer cannot take yet
+    /// go to a per-connection leftover buffer, allocated only then.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_BUFFER]);
+}
+
+/// What one copy step did.
+enum CopyStep {
+    /// End of stream from `from`.
+    Eof,
+    /// Readiness was stale: nothing to read.
+    Again,
+    /// Read this many bytes (all written, or the rest kept as leftover).
+    Moved(usize),
+}
+
+/// Why the copy loop stopped without an error.
+enum CopyEnd {
+    /// The stream ended and was passed on.
+    Eof,
+    /// The direction carries bulk data: switch to splice.
+    Bulk,
+}
 
 impl Direction<'_> {
     /// Accounts `n` bytes moved; the first time, reports the time to first byte.
@@ -186,29 +223,32 @@ impl Direction<'_> {
     }
 
     async fn run(&self, mode: RelayMode) -> Result<(), PumpError> {
-        if mode == RelayMode::Splice {
-            match self.splice().await {
-                Ok(result) => return result,
-                Err(SpliceUnavailable) => {
-                    self.progress.copied.fetch_add(1, Ordering::Relaxed);
-                }
+        let mut first = true;
+        if mode == RelayMode::Auto {
+            match self.copy(true, &mut first).await? {
+                CopyEnd::Eof => return Ok(()),
+                CopyEnd::Bulk => {}
             }
         }
-        self.copy().await
+        if mode != RelayMode::Copy {
+            // Splice either finishes the stream or, when unavailable, has left nothing in
+            // a pipe, so copying can take over where it stopped.
+            if let Ok(result) = self.splice(&mut first).await {
+                return result;
+            }
+        }
+        self.copy(false, &mut first).await.map(|_| ())
     }
 
-    async fn splice(&self) -> Result<Result<(), PumpError>, SpliceUnavailable> {
-        let mut moved_any = false;
-        let mut first = true;
+    async fn splice(&self, first: &mut bool) -> Result<Result<(), PumpError>, SpliceUnavailable> {
         loop {
             // Idle: wait for data without holding a pipe.
             if let Err(e) = self.from.readable().await {
                 return Ok(Err(self.fail_from(e)));
             }
-            let pipe = match pipe_pool::take() {
-                Ok(pipe) => pipe,
-                Err(_) if !moved_any => return Err(SpliceUnavailable),
-                Err(e) => return Ok(Err(self.fail_from(e))),
+            // No pipe to be had (out of descriptors): copy instead; nothing is in flight.
+            let Ok(pipe) = pipe_pool::take() else {
+                return Err(SpliceUnavailable);
             };
             loop {
                 let filled = self.from.try_io(Interest::READABLE, || {
@@ -220,12 +260,18 @@ impl Direction<'_> {
                         self.finish();
                         return Ok(Ok(()));
                     }
-                    Ok(n) => n,
+                    Ok(n) => {
+                        if n < pipe.capacity() {
+                            mark_drained(self.from, Interest::READABLE);
+                        }
+                        n
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         pipe_pool::give_back(pipe);
                         break;
                     }
-                    Err(e) if !moved_any && splice_unsupported(&e) => {
+                    // The pipe is empty: nothing is lost by copying from here on.
+                    Err(e) if splice_unsupported(&e) => {
                         pipe_pool::give_back(pipe);
                         return Err(SpliceUnavailable);
                     }
@@ -234,7 +280,6 @@ impl Direction<'_> {
                         return Ok(Err(self.fail_from(e)));
                     }
                 };
-                moved_any = true;
                 let mut left = n;
                 while left > 0 {
                     let drained = self
@@ -256,32 +301,57 @@ impl Direction<'_> {
                         Err(e) => return Ok(Err(self.fail_to(e))),
                     }
                 }
-                self.moved(n, &mut first);
+                self.progress.spliced.fetch_add(n as u64, Ordering::Relaxed);
+                self.moved(n, first);
             }
         }
     }
 
-    async fn copy(&self) -> Result<(), PumpError> {
-        let mut buf = Vec::new();
-        let mut first = true;
+    /// Reads into the worker's scratch buffer and writes straight out. With `promote`,
+    /// returns `Bulk` once `BULK_READS` reads in a row filled the buffer.
+    async fn copy(&self, promote: bool, first: &mut bool) -> Result<CopyEnd, PumpError> {
+        let mut leftover: Vec<u8> = Vec::new();
+        let mut full_reads = 0;
         loop {
             self.from.readable().await.map_err(|e| self.fail_from(e))?;
-            if buf.is_empty() {
-                // Allocated on first data, so an idle connection costs no buffer.
-                buf = vec![0u8; COPY_BUFFER];
-            }
-            let n = match self.from.try_read(&mut buf) {
-                Ok(0) => {
-                    self.finish();
-                    return Ok(());
+            let step = SCRATCH.with(|scratch| {
+                let mut buf = scratch.borrow_mut();
+                let n = match self.from.try_read(&mut buf) {
+                    Ok(0) => return Ok(CopyStep::Eof),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(CopyStep::Again),
+                    Err(e) => return Err(self.fail_from(e)),
+                };
+                if n < buf.len() {
+                    // A short read drained the socket: forget the readiness now instead of
+                    // paying a read that returns EAGAIN to learn it.
+                    mark_drained(self.from, Interest::READABLE);
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(self.fail_from(e)),
+                let mut written = 0;
+                while written < n {
+                    match self.to.try_write(&buf[written..n]) {
+                        Ok(0) => {
+                            return Err(self.fail_to(io::Error::from(io::ErrorKind::WriteZero)))
+                        }
+                        Ok(m) => written += m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(self.fail_to(e)),
+                    }
+                }
+                leftover.extend_from_slice(&buf[written..n]);
+                Ok(CopyStep::Moved(n))
+            })?;
+            let n = match step {
+                CopyStep::Eof => {
+                    self.finish();
+                    return Ok(CopyEnd::Eof);
+                }
+                CopyStep::Again => continue,
+                CopyStep::Moved(n) => n,
             };
             let mut written = 0;
-            while written < n {
-                match self.to.try_write(&buf[written..n]) {
+            while written < leftover.len() {
+                match self.to.try_write(&leftover[written..]) {
                     Ok(0) => return Err(self.fail_to(io::Error::from(io::ErrorKind::WriteZero))),
                     Ok(m) => written += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -290,8 +360,49 @@ impl Direction<'_> {
                     Err(e) => return Err(self.fail_to(e)),
                 }
             }
-            self.moved(n, &mut first);
+            if !leftover.is_empty() {
+                // Released, not kept: an idle connection holds no buffer.
+                leftover = Vec::new();
+            }
+            self.moved(n, first);
+            if n == COPY_BUFFER {
+                full_reads += 1;
+                if promote && full_reads >= BULK_READS {
+                    return Ok(CopyEnd::Bulk);
+                }
+            } else {
+                full_reads = 0;
+            }
         }
+    }
+}
+
+/// Clears tokio's readiness for `interest` without a syscall, after a short read showed the
+/// socket drained. Safe against lost wake-ups: tokio clears only if no readiness event
+/// arrived since it was observed, and data arriving later raises a fresh edge-triggered
+/// event either way.
+pub(crate) fn mark_drained<S: MarkDrained>(socket: &S, interest: Interest) {
+    socket.mark_drained(interest);
+}
+
+/// Sockets whose tokio readiness can be cleared.
+pub(crate) trait MarkDrained {
+    fn mark_drained(&self, interest: Interest);
+}
+
+impl MarkDrained for TcpStream {
+    fn mark_drained(&self, interest: Interest) {
+        let _ = self.try_io(interest, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+    }
+}
+
+impl MarkDrained for tokio::net::UdpSocket {
+    fn mark_drained(&self, interest: Interest) {
+        let _ = self.try_io(interest, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
     }
 }
 
@@ -322,7 +433,7 @@ pub async fn relay(
         client_to_backend: AtomicU64::new(0),
         backend_to_client: AtomicU64::new(0),
         last_activity_ms: AtomicU64::new(0),
-        copied: AtomicU64::new(0),
+        spliced: AtomicU64::new(0),
     };
     let upstream = Direction {
         from: &client,
@@ -385,6 +496,6 @@ pub async fn relay(
         backend_to_client: progress.backend_to_client.load(Ordering::Relaxed),
         end,
         error: error.map(|e| e.kind()),
-        spliced: options.mode == RelayMode::Splice && progress.copied.load(Ordering::Relaxed) == 0,
+        spliced_bytes: progress.spliced.load(Ordering::Relaxed),
     }
 }

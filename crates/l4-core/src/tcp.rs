@@ -67,7 +67,12 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
-                let local = client.local_addr().ok().or(local);
+                // Only a wildcard listener needs getsockname to learn which address the
+                // client reached; otherwise it is the listener's, and the syscall is saved.
+                let local = match local {
+                    Some(addr) if !addr.ip().is_unspecified() => Some(addr),
+                    _ => client.local_addr().ok(),
+                };
                 let Some(local) = local else { continue };
                 let span = info_span!("conn", listener = %service.name, client = %peer);
                 tracker.spawn(handle(Arc::clone(&service), client, peer, local).instrument(span));
@@ -150,7 +155,7 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
         duration_ms = started.elapsed().as_millis() as u64,
         end = report.end.as_str(),
         error = ?report.error,
-        spliced = report.spliced,
+        spliced_bytes = report.spliced_bytes,
         "connection closed"
     );
     drop(handle);

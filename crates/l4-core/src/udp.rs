@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::AccessList;
 use crate::flow::{FlowEnd, FlowTable};
+use crate::relay::mark_drained;
 use crate::sys::{send_batch, RecvBatch, BATCH};
 
 /// The largest UDP payload over IPv4; every datagram up to this passes unchanged.
@@ -193,17 +194,16 @@ pub async fn serve_udp(
                     continue;
                 }
                 for _ in 0..ROUNDS {
-                    let listener = &worker.listener;
+                    let listener = Arc::clone(&worker.listener);
                     let received = listener
                         .try_io(Interest::READABLE, || batch.recv(listener.as_fd()));
                     match received {
                         Ok(n) => {
                             worker.forward_batch(&batch, n);
-                            // A short batch means the queue is drained for now. Going round
-                            // the select again (readiness still set) instead of asking for
-                            // EAGAIN saves a syscall per wake-up; under load the next
-                            // recvmmsg finds datagrams that arrived meanwhile.
+                            // A short batch means the queue is drained for now: forget the
+                            // readiness instead of paying a recvmmsg that says EAGAIN.
                             if n < BATCH {
+                                mark_drained(listener.as_ref(), Interest::READABLE);
                                 break;
                             }
                         }
@@ -455,6 +455,9 @@ async fn reply_loop(path: ReplyPath) {
                 let mut batch = batch.borrow_mut();
                 let socket = &path.backend_socket;
                 let n = socket.try_io(Interest::READABLE, || batch.recv(socket.as_fd()))?;
+                if n < BATCH {
+                    mark_drained(socket.as_ref(), Interest::READABLE);
+                }
                 let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
                 for (i, slot) in payloads.iter_mut().enumerate().take(n) {
                     *slot = batch.get(i).1;
@@ -480,6 +483,9 @@ async fn reply_loop(path: ReplyPath) {
                         .unwrap_or(u64::MAX)
                         .max(1);
                     path.shared.last_reply_ms.store(ms, Ordering::Relaxed);
+                    if n < BATCH {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if is_unreachable(&e) => {

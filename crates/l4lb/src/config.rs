@@ -503,12 +503,13 @@ impl Validator {
 
     fn relay_mode(&mut self, path: &str, raw: Option<&str>) -> Option<RelayMode> {
         match raw? {
+            "auto" => Some(RelayMode::Auto),
             "splice" => Some(RelayMode::Splice),
             "copy" => Some(RelayMode::Copy),
             other => {
                 self.error(
                     path,
-                    format!("unknown relay {other:?} (expected splice or copy)"),
+                    format!("unknown relay {other:?} (expected auto, splice or copy)"),
                 );
                 None
             }
