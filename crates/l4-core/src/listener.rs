@@ -21,6 +21,9 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
+        // Accepted sockets inherit TCP_NODELAY from the listener on Linux: set once here,
+        // not once per connection.
+        socket.set_tcp_nodelay(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(BACKLOG)?;
@@ -77,5 +80,14 @@ mod tests {
             .collect();
         assert_ne!(ports[0], 0);
         assert!(ports.iter().all(|&p| p == ports[0]));
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 1).unwrap().remove(0);
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

@@ -120,6 +120,8 @@ struct Progress {
     /// Milliseconds after `start` of the last byte moved either way.
     last_activity_ms: AtomicU64,
     spliced: AtomicU64,
+    /// Directions that reached end of stream (0, 1 or 2).
+    directions_done: AtomicU64,
 }
 
 impl Progress {
@@ -217,9 +219,13 @@ impl Direction<'_> {
     }
 
     /// Passes the end of stream on: the peer sees a FIN while the other direction may
-    /// still be flowing. A peer that has already gone (ENOTCONN) needs nothing more.
+    /// still be flowing. A peer that has already gone (ENOTCONN) needs nothing more. When
+    /// the other direction has already ended, both sockets are closed right after this,
+    /// and close sends the FIN: the shutdown call is saved.
     fn finish(&self) {
-        let _ = socket2::SockRef::from(self.to).shutdown(Shutdown::Write);
+        if self.progress.directions_done.fetch_add(1, Ordering::AcqRel) == 0 {
+            let _ = socket2::SockRef::from(self.to).shutdown(Shutdown::Write);
+        }
     }
 
     async fn run(&self, mode: RelayMode) -> Result<(), PumpError> {
@@ -434,6 +440,7 @@ pub async fn relay(
         backend_to_client: AtomicU64::new(0),
         last_activity_ms: AtomicU64::new(0),
         spliced: AtomicU64::new(0),
+        directions_done: AtomicU64::new(0),
     };
     let upstream = Direction {
         from: &client,

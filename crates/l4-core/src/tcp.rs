@@ -113,7 +113,7 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
         debug!("rejected: max_connections reached");
         return;
     };
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY is inherited from the listening socket (see listener::bind_tcp).
     let started = Instant::now();
     let key = FlowKey {
         client: peer,
