@@ -171,13 +171,19 @@ stream {{
     return {"l4lb": [l4.pid], "haproxy": [ha.pid], "nginx": [ng.pid]}
 
 
-def run(cmd, timeout=60):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=None):
+    """Runs a load tool, bounded: a hung run counts as no result, not a stuck benchmark."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or SECONDS + 10)
+    except subprocess.TimeoutExpired:
+        print(f"timed out: {' '.join(cmd)}", file=sys.stderr)
+        return subprocess.CompletedProcess(cmd, 1, "", "")
 
 
 def iperf(port, *extra):
     for _ in range(3):  # the iperf3 server serves one test at a time; retry if busy
-        r = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS), "-J", *extra])
+        r = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS), "-J",
+                 "--connect-timeout", "3000", *extra])
         try:
             data = json.loads(r.stdout)
         except json.JSONDecodeError:
@@ -195,8 +201,8 @@ def tcp_gbps(port, *extra):
     return d and d["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def udp_kpps(port):
-    d = iperf(port, "-u", "-b", "0", "-l", "64")
+def udp_kpps(port, *extra):
+    d = iperf(port, "-u", "-b", "0", "-l", "64", *extra)
     if not d:
         return None
     s = d["end"]["sum"]
@@ -308,6 +314,7 @@ def main():
         ("tcp 1 stream -R (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-R")),
         ("tcp 4 streams -R (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-P", "4", "-R")),
         ("udp 64B (k datagrams/s)", lambda t: None if t == "haproxy" else udp_kpps(PORTS[t][1])),
+        ("udp 64B, 16 flows (k datagrams/s)", lambda t: None if t == "haproxy" else udp_kpps(PORTS[t][1], "-P", "16")),
         ("new conn/s, 32 conns", lambda t: wrk(PORTS[t][0], 32, True)["rps"]),
         ("new conn/s, 256 conns", lambda t: wrk(PORTS[t][0], 256, True)["rps"]),
         ("keep-alive req/s, 64 conns", "ka"),
@@ -333,7 +340,10 @@ def main():
                         gb = v * (time.time() - t0) / 8
                         cpu_per_gb.append(spent / gb)
                 else:
+                    t0 = time.time()
                     v = fn(t)
+                    if time.time() - t0 > SECONDS + 5:
+                        print(f"slow run: {name} via {t}: {time.time() - t0:.0f}s", file=sys.stderr)
                 results.setdefault(name, {}).setdefault(t, []).append(v)
         print(f"round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f}s)", file=sys.stderr)
     if not ONLY or "idle" in ONLY:

@@ -84,7 +84,9 @@ mod tests {
 
     #[test]
     fn accepted_sockets_inherit_nodelay() {
-        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 1).unwrap().remove(0);
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 1)
+            .unwrap()
+            .remove(0);
         listener.set_nonblocking(false).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();

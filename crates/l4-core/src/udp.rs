@@ -236,24 +236,28 @@ impl Worker {
         }
     }
 
-    /// Forwards a received batch: consecutive datagrams of one client go to its backend
-    /// in one `sendmmsg`.
+    /// Forwards a received batch: each client's datagrams, in their order, go to its
+    /// backend in one send (GSO or `sendmmsg`), however the clients interleave in the
+    /// batch. Order only matters within a flow, so grouping keeps every guarantee.
     fn forward_batch(&mut self, batch: &RecvBatch, n: usize) {
-        let mut i = 0;
-        while i < n {
+        let mut taken = [false; BATCH];
+        for i in 0..n {
+            if taken[i] {
+                continue;
+            }
             let (client, _) = batch.get(i);
-            let mut j = i + 1;
-            while j < n && batch.get(j).0 == client {
-                j += 1;
+            let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
+            let mut count = 0;
+            for j in i..n {
+                if !taken[j] && batch.get(j).0 == client {
+                    taken[j] = true;
+                    payloads[count] = batch.get(j).1;
+                    count += 1;
+                }
             }
             if let Some(client) = client {
-                let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
-                for (k, slot) in (i..j).zip(payloads.iter_mut()) {
-                    *slot = batch.get(k).1;
-                }
-                self.forward(client, &payloads[..j - i]);
+                self.forward(client, &payloads[..count]);
             }
-            i = j;
         }
     }
 
