@@ -248,10 +248,11 @@ impl Worker {
             let (client, _) = batch.get(i);
             let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
             let mut count = 0;
-            for j in i..n {
-                if !taken[j] && batch.get(j).0 == client {
-                    taken[j] = true;
-                    payloads[count] = batch.get(j).1;
+            for (j, taken) in taken.iter_mut().enumerate().take(n).skip(i) {
+                let (from, payload) = batch.get(j);
+                if !*taken && from == client {
+                    *taken = true;
+                    payloads[count] = payload;
                     count += 1;
                 }
             }
