@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v cc >/dev/null || need+=(build-essential)
-# Real peers for the end-to-end tests: dnsmasq answers DNS behind l4lb, dig asks.
+# Real peers for the end-to-end tests: dnsmasq answers DNS behind l4lb, dig asks, nginx
+# reads the PROXY protocol header.
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v dig >/dev/null || need+=(dnsutils)
+[ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -6,5 +6,6 @@ mod harness;
 mod balance;
 mod check;
 mod health;
+mod peers;
 mod tcp;
 mod udp;
