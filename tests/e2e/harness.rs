@@ -274,3 +274,18 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+/// hangs until the connector's timeout, like a backend behind a black hole.
+pub fn black_hole() -> (socket2::Socket, std::net::TcpStream, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Backlog 0 holds one connection; this one fills it and is never accepted.
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (listener, filler, addr)
+}

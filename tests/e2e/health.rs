@@ -136,19 +136,6 @@ async fn a_backend_dies_mid_stream_and_no_client_notices() {
     assert!(back >= 5, "traffic returned to b: {back}/30");
 }
 
-/// A listener whose accept queue is full: the kernel drops further SYNs.
-fn black_hole() -> (socket2::Socket, std::net::TcpStream, SocketAddr) {
-    use socket2::{Domain, Socket, Type};
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    listener
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    let filler = std::net::TcpStream::connect(addr).unwrap();
-    (listener, filler, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_syns_are_marked_down_but_a_silent_server_is_not() {
     let (_hole, _filler, hole) = black_hole();

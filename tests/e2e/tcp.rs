@@ -468,21 +468,6 @@ async fn sigterm_stops_accepting_and_drains_live_connections() {
     assert!(TcpStream::connect(lb.addr()).await.is_err());
 }
 
-/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
-/// hangs until the connector's timeout, like a backend behind a black hole.
-fn black_hole() -> (socket2::Socket, std::net::TcpStream, SocketAddr) {
-    use socket2::{Domain, Socket, Type};
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    listener
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    // Backlog 0 holds one connection; this one fills it and is never accepted.
-    let filler = std::net::TcpStream::connect(addr).unwrap();
-    (listener, filler, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_timeout_bounds_the_wait_on_a_black_holed_backend() {
     let (_hole, _filler, hole) = black_hole();

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Socket, Type};
 
 /// Backlog asked for each listening socket (the kernel caps it at `somaxconn`).
 pub const BACKLOG: i32 = 4096;
@@ -12,48 +12,51 @@ pub const BACKLOG: i32 = 4096;
 /// Binds `count` TCP listening sockets sharing one address with `SO_REUSEPORT`. When
 /// `addr` has port 0, the first socket picks the port and the others join it.
 pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let mut sockets = Vec::with_capacity(count);
-    let mut addr = addr;
-    for _ in 0..count.max(1) {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
+    reuseport_group(addr, count, Type::STREAM, |socket| {
         // Accepted sockets inherit TCP_NODELAY from the listener on Linux: set once here,
         // not once per connection.
         socket.set_tcp_nodelay(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
+        Ok(())
+    })?
+    .into_iter()
+    .map(|socket| {
         socket.listen(BACKLOG)?;
-        if addr.port() == 0 {
-            addr = socket
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("listener has no socket address"))?;
-        }
-        sockets.push(socket.into());
-    }
-    Ok(sockets)
+        Ok(socket.into())
+    })
+    .collect()
 }
 
 /// Binds `count` UDP sockets sharing one address with `SO_REUSEPORT`; the kernel keeps
 /// each client 4-tuple on one socket, so each worker owns its flows outright. Port 0 as
 /// in [`bind_tcp`].
 pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let sockets = reuseport_group(addr, count, Type::DGRAM, |socket| {
+        // Room for bursts: a full default buffer drops datagrams before we see them.
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        let _ = socket.set_send_buffer_size(4 << 20);
+        Ok(())
+    })?;
+    Ok(sockets.into_iter().map(Into::into).collect())
+}
+
+/// `count` bound, non-blocking sockets of `kind` sharing `addr` through `SO_REUSEPORT`;
+/// with port 0 the first picks the port and the others join it. `setup` runs before bind.
+fn reuseport_group(
+    addr: SocketAddr,
+    count: usize,
+    kind: Type,
+    setup: impl Fn(&Socket) -> io::Result<()>,
+) -> io::Result<Vec<Socket>> {
     let mut sockets = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        let socket = Socket::new(Domain::for_address(addr), kind, None)?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
-        // Room for bursts: a full default buffer drops datagrams before we see them.
-        let _ = socket.set_recv_buffer_size(4 << 20);
-        let _ = socket.set_send_buffer_size(4 << 20);
+        setup(&socket)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         if addr.port() == 0 {
@@ -62,7 +65,7 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpS
                 .as_socket()
                 .ok_or_else(|| io::Error::other("socket has no address"))?;
         }
-        sockets.push(socket.into());
+        sockets.push(socket);
     }
     Ok(sockets)
 }

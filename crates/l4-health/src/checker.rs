@@ -8,11 +8,10 @@ use std::time::Duration;
 use l4_balance::{BackendState, Health, Pool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
 use crate::probe::{tcp_connect, udp_port, ProbeError};
 use crate::tracker::{Tracker, Verdict};
-use crate::{log_pool_change, HealthSettings, ProbeKind};
+use crate::{announce, HealthSettings, ProbeKind};
 
 /// The checks of one pool.
 #[derive(Debug, Clone)]
@@ -106,14 +105,12 @@ impl Checker {
             Verdict::Same => {}
             Verdict::Up => {
                 if state.transition(Health::Down, Health::Up) {
-                    info!(pool = self.pool.name(), backend = %state.addr(), from = "down", to = "up", reason = %reason, "backend state changed");
-                    log_pool_change(&self.pool, false);
+                    announce(&self.pool, state.addr(), true, &reason);
                 }
             }
             Verdict::Down => {
                 if state.transition(Health::Up, Health::Down) {
-                    warn!(pool = self.pool.name(), backend = %state.addr(), from = "up", to = "down", reason = %reason, "backend state changed");
-                    log_pool_change(&self.pool, true);
+                    announce(&self.pool, state.addr(), false, &reason);
                 }
             }
         }
@@ -126,22 +123,10 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
-    use l4_balance::{Algorithm, BackendSpec, PoolSnapshot};
     use tokio::time::Instant;
 
     fn pool() -> (Arc<Pool>, Arc<BackendState>) {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let spec = BackendSpec {
-            addr,
-            weight: 1,
-            backup: false,
-        };
-        let pool = Arc::new(Pool::new(
-            "p",
-            PoolSnapshot::build(Algorithm::RoundRobin, &[spec], |_| None).unwrap(),
-        ));
-        let state = pool.backend_state(addr).unwrap();
-        (pool, state)
+        crate::test_pool()
     }
 
     /// Runs the checker against scripted probe results in paused time and records, for

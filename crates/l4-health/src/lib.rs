@@ -61,19 +61,52 @@ impl Default for HealthSettings {
     }
 }
 
-/// Logs, once, that a pool just lost its last usable backend or got one back.
-pub(crate) fn log_pool_change(pool: &l4_balance::Pool, backend_went_down: bool) {
+/// Logs a health change of `backend` (one event with both states and the reason), then,
+/// once, that the pool just lost its last usable backend or got one back.
+pub(crate) fn announce(
+    pool: &l4_balance::Pool,
+    backend: std::net::SocketAddr,
+    up: bool,
+    reason: &dyn std::fmt::Display,
+) {
+    let (from, to) = if up { ("down", "up") } else { ("up", "down") };
+    if up {
+        tracing::info!(pool = pool.name(), backend = %backend, from, to, reason = %reason, "backend state changed");
+    } else {
+        tracing::warn!(pool = pool.name(), backend = %backend, from, to, reason = %reason, "backend state changed");
+    }
     let usable = pool
         .snapshot()
         .backends()
         .filter(|b| b.state.is_usable())
         .count();
-    if backend_went_down && usable == 0 {
+    if !up && usable == 0 {
         tracing::error!(
             pool = pool.name(),
             "pool has no usable backend: new clients are closed at once"
         );
-    } else if !backend_went_down && usable == 1 {
+    } else if up && usable == 1 {
         tracing::warn!(pool = pool.name(), "pool has a usable backend again");
     }
+}
+
+/// A pool of one backend (127.0.0.1:1) and its state, for the unit tests.
+#[cfg(test)]
+pub(crate) fn test_pool() -> (
+    std::sync::Arc<l4_balance::Pool>,
+    std::sync::Arc<l4_balance::BackendState>,
+) {
+    use l4_balance::{Algorithm, BackendSpec, Pool, PoolSnapshot};
+    let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let spec = BackendSpec {
+        addr,
+        weight: 1,
+        backup: false,
+    };
+    let pool = std::sync::Arc::new(Pool::new(
+        "p",
+        PoolSnapshot::build(Algorithm::RoundRobin, &[spec], |_| None).unwrap(),
+    ));
+    let state = pool.backend_state(addr).unwrap();
+    (pool, state)
 }

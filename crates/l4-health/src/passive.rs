@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use l4_balance::{BackendState, Health, Pool};
-use tracing::warn;
 
-use crate::{log_pool_change, HealthSettings};
+use crate::{announce, HealthSettings};
 
 const COUNT_BITS: u32 = 24;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
@@ -69,15 +68,11 @@ impl Passive {
             return false;
         }
         window.store(0, Ordering::Relaxed);
-        warn!(
-            pool = self.pool.name(),
-            backend = %backend.addr(),
-            from = "up",
-            to = "down",
-            reason = %format_args!("{count} connect failures within {:?} (last: {reason})", self.window),
-            "backend state changed"
+        let why = format!(
+            "{count} connect failures within {:?} (last: {reason})",
+            self.window
         );
-        log_pool_change(&self.pool, true);
+        announce(&self.pool, backend.addr(), false, &why);
         true
     }
 }
@@ -85,27 +80,16 @@ impl Passive {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use l4_balance::{Algorithm, BackendSpec, PoolSnapshot};
 
     #[test]
     fn fall_failures_in_the_window_mark_down_once() {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let spec = BackendSpec {
-            addr,
-            weight: 1,
-            backup: false,
-        };
-        let pool = Arc::new(Pool::new(
-            "p",
-            PoolSnapshot::build(Algorithm::RoundRobin, &[spec], |_| None).unwrap(),
-        ));
+        let (pool, state) = crate::test_pool();
         let settings = HealthSettings {
             interval: Duration::from_secs(60),
             fall: 3,
             ..HealthSettings::default()
         };
         let passive = Passive::new(Arc::clone(&pool), &settings);
-        let state = pool.backend_state(addr).unwrap();
         assert!(!passive.connect_failed(&state, &"refused"));
         assert!(!passive.connect_failed(&state, &"refused"));
         assert_eq!(state.health(), Health::Up);
@@ -121,16 +105,7 @@ mod tests {
 
     #[test]
     fn passive_never_overrides_draining() {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let spec = BackendSpec {
-            addr,
-            weight: 1,
-            backup: false,
-        };
-        let pool = Arc::new(Pool::new(
-            "p",
-            PoolSnapshot::build(Algorithm::RoundRobin, &[spec], |_| None).unwrap(),
-        ));
+        let (pool, state) = crate::test_pool();
         let passive = Passive::new(
             Arc::clone(&pool),
             &HealthSettings {
@@ -138,7 +113,6 @@ mod tests {
                 ..HealthSettings::default()
             },
         );
-        let state = pool.backend_state(addr).unwrap();
         state.set_health(Health::Draining);
         assert!(!passive.connect_failed(&state, &"refused"));
         assert_eq!(state.health(), Health::Draining);
