@@ -266,12 +266,9 @@ impl Direction<'_> {
                         self.finish();
                         return Ok(Ok(()));
                     }
-                    Ok(n) => {
-                        if n < pipe.capacity() {
-                            mark_drained(self.from, Interest::READABLE);
-                        }
-                        n
-                    }
+                    // No mark_drained here: a splice can come back short because the pipe
+                    // ran out of page slots while the socket still holds data.
+                    Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         pipe_pool::give_back(pipe);
                         break;
