@@ -44,6 +44,7 @@ fn each_kind_of_bad_config_exits_1_naming_the_field() {
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: least_time\n    least_time: last_byte\n    backends:"), "pools[0].least_time: unknown measure \"last_byte\""),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 1s, rise: 0 }\n    backends:"), "pools[0].health.rise: must be at least 1"),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 0ms }\n    backends:"), "pools[0].health.interval: must be greater than zero"),
+        (&BASE.replace("{ name: web, bind: \"127.0.0.1:8080\", pool: web }", "{ name: web, bind: \"0.0.0.0:5353\", protocol: udp, pool: web }"), "listeners[0].bind: udp listeners need a specific address"),
         ("listeners: [\n", "line"),
     ];
     for (text, expected) in cases {

@@ -21,6 +21,25 @@ pub enum ConnectError {
     Io(#[source] io::Error),
 }
 
+impl ConnectError {
+    /// Whether the failure says something about the backend (refused, timed out, host or
+    /// network unreachable), as opposed to this process running short of descriptors or
+    /// local ports. Only the former may count against the backend's health: otherwise a
+    /// proxy out of file descriptors would mark its whole pool down.
+    pub fn blames_backend(&self) -> bool {
+        match self {
+            ConnectError::Refused | ConnectError::Timeout(_) => true,
+            ConnectError::Io(e) => matches!(
+                e.raw_os_error(),
+                Some(libc::EHOSTUNREACH)
+                    | Some(libc::ENETUNREACH)
+                    | Some(libc::ECONNRESET)
+                    | Some(libc::ETIMEDOUT)
+            ),
+        }
+    }
+}
+
 /// Connects to `addr` within `timeout`, with `TCP_NODELAY` set: l4lb forwards what it
 /// receives at once and must not add Nagle delays of its own.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
@@ -35,5 +54,27 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),
         Ok(Err(e)) => Err(ConnectError::Io(e)),
         Err(_) => Err(ConnectError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_backend_failures_blame_the_backend() {
+        assert!(ConnectError::Refused.blames_backend());
+        assert!(ConnectError::Timeout(Duration::from_secs(1)).blames_backend());
+        assert!(
+            ConnectError::Io(io::Error::from_raw_os_error(libc::EHOSTUNREACH)).blames_backend()
+        );
+        for local in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EADDRNOTAVAIL,
+            libc::ENOBUFS,
+        ] {
+            assert!(!ConnectError::Io(io::Error::from_raw_os_error(local)).blames_backend());
+        }
     }
 }

@@ -381,9 +381,11 @@ impl Direction<'_> {
 }
 
 /// Clears tokio's readiness for `interest` without a syscall, after a short read showed the
-/// socket drained. Safe against lost wake-ups: tokio clears only if no readiness event
-/// arrived since it was observed, and data arriving later raises a fresh edge-triggered
-/// event either way.
+/// socket drained. Safe against lost wake-ups only on a current-thread runtime (every l4lb
+/// worker is one): no reactor turn can record a new event between the read and the clear,
+/// and data arriving later raises a fresh edge-triggered event that the next turn sees.
+/// On a multi-threaded runtime another thread could record an event in that gap and this
+/// would erase it.
 pub(crate) fn mark_drained<S: MarkDrained>(socket: &S, interest: Interest) {
     socket.mark_drained(interest);
 }

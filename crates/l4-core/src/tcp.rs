@@ -191,7 +191,9 @@ async fn connect_backend(
                     // A failed attempt is a slow one: it must not look fast.
                     handle.state().record_response_time(service.connect_timeout);
                 }
-                service.passive.connect_failed(handle.state(), &e);
+                if e.blames_backend() {
+                    service.passive.connect_failed(handle.state(), &e);
+                }
                 tried.push(addr);
             }
         }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use l4_balance::{BackendHandle, BackendState, FlowKey, Pool, Protocol};
+use l4_balance::{BackendHandle, BackendState, FlowKey, Health, Pool, Protocol};
 use l4_health::Passive;
 use std::os::fd::AsFd;
 
@@ -273,11 +273,18 @@ impl Worker {
         let usable = self
             .table
             .get_mut(&client, now)
-            .map(|flow| flow.backend.state().is_usable());
+            // Draining keeps live flows (only new ones avoid the backend); down or disabled
+            // moves them.
+            .map(|flow| {
+                !matches!(
+                    flow.backend.state().health(),
+                    Health::Down | Health::Disabled
+                )
+            });
         match usable {
             Some(true) => {}
             Some(false) => {
-                // The flow's backend went down: this datagram re-selects.
+                // The flow's backend is down: this datagram re-selects.
                 if let Some(flow) = self.table.remove(&client) {
                     self.end(client, flow, FlowEnd::BackendDown);
                 }

@@ -48,6 +48,11 @@ impl Passive {
     /// Records a failed connect to `backend`; marks it down when this is the `fall`th
     /// failure within the window. Returns whether it was marked down.
     pub fn connect_failed(&self, backend: &BackendState, reason: &dyn Display) -> bool {
+        // Only an up backend accumulates failures: connects that were in flight when it
+        // went down must not pre-fill the window it comes back with.
+        if backend.health() != Health::Up {
+            return false;
+        }
         let Some(window) = self.windows.get(&backend.addr()) else {
             return false;
         };
@@ -64,10 +69,13 @@ impl Passive {
             count = n;
             Some((start << COUNT_BITS) | n)
         });
-        if count < u64::from(self.fall) || !backend.transition(Health::Up, Health::Down) {
+        if count < u64::from(self.fall) {
             return false;
         }
         window.store(0, Ordering::Relaxed);
+        if !backend.transition(Health::Up, Health::Down) {
+            return false;
+        }
         let why = format!(
             "{count} connect failures within {:?} (last: {reason})",
             self.window
@@ -101,6 +109,10 @@ mod tests {
                 "down already: no second event"
             );
         }
+        // Back up (by probes): the failures seen while down did not pre-fill the window.
+        state.set_health(Health::Up);
+        assert!(!passive.connect_failed(&state, &"refused"));
+        assert_eq!(state.health(), Health::Up);
     }
 
     #[test]

@@ -365,6 +365,16 @@ impl Validator {
             };
             let protocol = match l.protocol.as_deref().unwrap_or("tcp") {
                 "tcp" => Some(ListenerProtocol::Tcp),
+                "udp" if bind.is_some_and(|b: SocketAddr| b.ip().is_unspecified()) => {
+                    // Replies leave from the listener's socket; with a wildcard address the
+                    // kernel would pick their source by route, not the address the client
+                    // reached, and the client would drop them.
+                    self.error(
+                        format!("{path}.bind"),
+                        "udp listeners need a specific address, not a wildcard (replies must come from the address the client reached)",
+                    );
+                    None
+                }
                 "udp" => Some(ListenerProtocol::Udp),
                 other => {
                     self.error(
