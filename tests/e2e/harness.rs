@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 /// Upper bound for anything a test waits for; reaching it fails the test.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -288,4 +289,63 @@ pub fn black_hole() -> (socket2::Socket, std::net::TcpStream, SocketAddr) {
     // Backlog 0 holds one connection; this one fills it and is never accepted.
     let filler = std::net::TcpStream::connect(addr).unwrap();
     (listener, filler, addr)
+}
+
+/// A backend that can be killed (its port then refuses) and started again on the same port.
+pub struct Killable {
+    pub addr: SocketAddr,
+    name: &'static str,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Killable {
+    pub async fn start(name: &'static str) -> Killable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut k = Killable {
+            addr,
+            name,
+            task: None,
+        };
+        k.serve(listener);
+        k
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let name = self.name;
+        self.task = Some(tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    // Name first, then echo: callers learn where they landed and can keep
+                    // talking on long-lived connections.
+                    let _ = s.write_all(name.as_bytes()).await;
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        }));
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await; // the listener is closed once the task is gone
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+/// Connects, reads the one-letter name, closes.
+pub async fn who(lb: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(lb).await?;
+    let mut name = [0u8; 1];
+    s.read_exact(&mut name).await?;
+    Ok(String::from_utf8_lossy(&name).into_owned())
 }

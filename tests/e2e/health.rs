@@ -6,73 +6,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 use crate::harness::*;
 
-/// A backend that can be killed (its port then refuses) and started again on the same port.
-struct Killable {
-    addr: SocketAddr,
-    name: &'static str,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Killable {
-    async fn start(name: &'static str) -> Killable {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut k = Killable {
-            addr,
-            name,
-            task: None,
-        };
-        k.serve(listener);
-        k
-    }
-
-    fn serve(&mut self, listener: TcpListener) {
-        let name = self.name;
-        self.task = Some(tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    // Name first, then echo: callers learn where they landed and can keep
-                    // talking on long-lived connections.
-                    let _ = s.write_all(name.as_bytes()).await;
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        }));
-    }
-
-    async fn kill(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await; // the listener is closed once the task is gone
-        }
-    }
-
-    async fn restart(&mut self) {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.serve(listener);
-    }
-}
-
-/// Connects, reads the one-letter name, closes.
-async fn who(lb: SocketAddr) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(lb).await?;
-    let mut name = [0u8; 1];
-    s.read_exact(&mut name).await?;
-    Ok(String::from_utf8_lossy(&name).into_owned())
-}
-
 fn health_config(backends: &[(SocketAddr, bool)], health: &str) -> String {
     let mut s = format!(
-        "workers: 2\ndefaults: {{ connect_timeout: 500ms }}\nlisteners:\n  - name: test\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n    health: {health}\n    backends:\n"
+        "workers: 2\ndefaults: {{ connect_timeout: 500ms }}\nlisteners:\n  - name: test\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n    health: {health}\n    passive: {{ ejection_time: 100ms }}\n    backends:\n"
     );
     for (addr, backup) in backends {
         s.push_str(&format!(
@@ -86,6 +26,11 @@ fn state_change(line: &str, backend: SocketAddr, to: &str) -> bool {
     line.contains("backend state changed")
         && field(line, "backend").as_deref() == Some(&backend.to_string())
         && field(line, "to").as_deref() == Some(to)
+}
+
+/// Taken out of rotation: down by probes, or ejected by passive detection.
+fn removed(line: &str, backend: SocketAddr) -> bool {
+    state_change(line, backend, "down") || state_change(line, backend, "ejected")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +52,7 @@ async fn a_backend_dies_mid_stream_and_no_client_notices() {
         *seen.entry(name).or_default() += 1;
     }
     assert!(seen["b"] >= 20, "b served until it died: {seen:?}");
-    let down = lb.wait_for_log(|l| state_change(l, b.addr, "down"));
+    let down = lb.wait_for_log(|l| removed(l, b.addr));
     // After detection nothing is sent to the dead backend.
     let lines = lb.logs_matching(|_| true);
     let at = lines.iter().position(|l| *l == down).unwrap();
@@ -181,7 +126,7 @@ async fn backup_takes_over_and_hands_back_without_touching_live_connections() {
     for _ in 0..20 {
         assert_eq!(who(lb.addr()).await.unwrap(), "k");
     }
-    lb.wait_for_log(|l| state_change(l, primary.addr, "down"));
+    lb.wait_for_log(|l| removed(l, primary.addr));
     primary.restart().await;
     lb.wait_for_log(|l| state_change(l, primary.addr, "up"));
     for _ in 0..10 {
@@ -235,10 +180,7 @@ async fn detection_times() {
     ));
     b.kill().await;
     let died = Instant::now();
-    while lb
-        .logs_matching(|l| state_change(l, b.addr, "down"))
-        .is_empty()
-    {
+    while lb.logs_matching(|l| removed(l, b.addr)).is_empty() {
         assert_eq!(who(lb.addr()).await.unwrap(), "a");
         assert!(
             died.elapsed() < Duration::from_secs(5),

@@ -5,6 +5,7 @@ mod harness;
 
 mod balance;
 mod check;
+mod failover;
 mod health;
 mod peers;
 mod tcp;

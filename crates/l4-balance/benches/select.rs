@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use l4_balance::{
-    build_maglev_table, Algorithm, BackendSpec, FlowKey, HashKey, PoolSnapshot, Protocol,
+    build_maglev_table, Algorithm, BackendSpec, FlowKey, HashKey, Health, PoolSnapshot, Protocol,
     TimeMetric, DEFAULT_TABLE_SIZE,
 };
 
@@ -24,21 +24,26 @@ fn specs(n: usize) -> Vec<BackendSpec> {
         .collect()
 }
 
-fn select(c: &mut Criterion) {
-    let algorithms = [
-        Algorithm::RoundRobin,
-        Algorithm::LeastConn,
-        Algorithm::PowerOfTwo,
-        Algorithm::LeastTime(TimeMetric::Connect),
-        Algorithm::SourceHash(HashKey::SrcIp),
-        Algorithm::Maglev {
-            key: HashKey::FiveTuple,
-            table_size: DEFAULT_TABLE_SIZE,
-        },
-    ];
-    let mut group = c.benchmark_group("select_100_backends");
-    for algorithm in algorithms {
-        let snap = PoolSnapshot::build(algorithm, &specs(100), |_| None).unwrap();
+const ALGORITHMS: [Algorithm; 6] = [
+    Algorithm::RoundRobin,
+    Algorithm::LeastConn,
+    Algorithm::PowerOfTwo,
+    Algorithm::LeastTime(TimeMetric::Connect),
+    Algorithm::SourceHash(HashKey::SrcIp),
+    Algorithm::Maglev {
+        key: HashKey::FiveTuple,
+        table_size: DEFAULT_TABLE_SIZE,
+    },
+];
+
+/// Selection over `backends` backends of which `down` are down, for every algorithm.
+fn bench_group(c: &mut Criterion, group: &str, backends: usize, down: usize) {
+    let mut group = c.benchmark_group(group);
+    for algorithm in ALGORITHMS {
+        let snap = PoolSnapshot::build(algorithm, &specs(backends), |_| None).unwrap();
+        for b in snap.backends().take(down) {
+            b.state.set_health(Health::Down);
+        }
         let mut port = 0u16;
         group.bench_function(algorithm.as_str(), |b| {
             b.iter(|| {
@@ -53,6 +58,12 @@ fn select(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+fn select(c: &mut Criterion) {
+    bench_group(c, "select_100_backends", 100, 0);
+    // The cost of failover: one of ten backends down (issue 9).
+    bench_group(c, "select_10_backends_1_down", 10, 1);
 }
 
 fn maglev_build(c: &mut Criterion) {

@@ -1,7 +1,10 @@
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::clock::millis;
+use crate::outlier::OutlierSettings;
 
 /// The largest accepted weight (as in HAProxy); keeps precomputed schedules small.
 pub const MAX_WEIGHT: u32 = 256;
@@ -29,6 +32,10 @@ pub enum Health {
     Draining = 2,
     /// Switched off by the operator.
     Disabled = 3,
+    /// Taken out by passive (outlier) detection after consecutive failed connects: no new
+    /// connections until its ejection time has passed and probes bring it back. Counted
+    /// against the pool's `max_ejection_percent`; tried anyway when nothing else is usable.
+    Ejected = 4,
 }
 
 impl Health {
@@ -37,6 +44,7 @@ impl Health {
             0 => Health::Up,
             1 => Health::Down,
             2 => Health::Draining,
+            4 => Health::Ejected,
             _ => Health::Disabled,
         }
     }
@@ -48,6 +56,7 @@ impl Health {
             Health::Down => "down",
             Health::Draining => "draining",
             Health::Disabled => "disabled",
+            Health::Ejected => "ejected",
         }
     }
 }
@@ -64,6 +73,16 @@ pub struct BackendState {
     /// Exponentially weighted moving average of measured response times, in microseconds;
     /// 0 until the first sample. Read by `least_time`.
     response_ewma_us: AtomicU64,
+    /// Failed connects since the last successful one (passive detection).
+    consecutive_failures: AtomicU32,
+    /// While ejected: the time (ms on [`crate::clock`]) before which probes may not bring
+    /// it back.
+    ejected_until_ms: AtomicU64,
+    /// The current ejection's multiplier: grows when a backend is ejected again soon after
+    /// it came back.
+    ejections: AtomicU32,
+    /// When it last came back up (ms on [`crate::clock`]); 0 if it never went down.
+    returned_at_ms: AtomicU64,
 }
 
 impl BackendState {
@@ -76,6 +95,10 @@ impl BackendState {
             total: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             response_ewma_us: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            returned_at_ms: AtomicU64::new(0),
         }
     }
 
@@ -103,7 +126,14 @@ impl BackendState {
             .is_ok()
     }
 
+    /// Whether the backend is in `health` (one load and compare: selection's hot check).
+    #[inline]
+    pub fn is(&self, health: Health) -> bool {
+        self.health.load(Ordering::Relaxed) == health as u8
+    }
+
     /// Whether new connections may go here.
+    #[inline]
     pub fn is_usable(&self) -> bool {
         self.health.load(Ordering::Relaxed) == Health::Up as u8
     }
@@ -145,10 +175,91 @@ impl BackendState {
             });
     }
 
-    /// Records a failed connect attempt seen by the data path.
-    pub fn record_connect_failure(&self) {
+    /// Records a failed connect attempt seen by the data path; returns the number of
+    /// failures in a row, this one included. Use [`crate::Pool::connect_failed`], which
+    /// also decides on ejection.
+    pub(crate) fn record_connect_failure(&self) -> u32 {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        let previous = self
+            .consecutive_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX);
+        previous.saturating_add(1)
     }
+
+    /// Records a successful connect (or, for UDP, a reply): the failure streak is over.
+    /// A load and no write in the common case, so the hot path does not dirty the line.
+    #[inline]
+    pub(crate) fn record_connect_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Failed connects since the last successful one.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Takes an up backend out (up -> ejected) for `ejection_time` times the number of
+    /// ejections in a row (capped at `max_ejection_time`). An ejection counts as "in a
+    /// row" when the backend had come back less than `max_ejection_time` ago. Returns how
+    /// long it is out, or `None` if it was not up (someone else changed it first).
+    pub(crate) fn eject(&self, now: Instant, settings: &OutlierSettings) -> Option<Duration> {
+        if !self.transition(Health::Up, Health::Ejected) {
+            return None;
+        }
+        let now_ms = millis(now);
+        let returned = self.returned_at_ms.load(Ordering::Relaxed);
+        let recent = returned != 0
+            && now_ms.saturating_sub(returned) < duration_ms(settings.max_ejection_time);
+        let multiplier = if recent {
+            self.ejections.load(Ordering::Relaxed).saturating_add(1)
+        } else {
+            1
+        };
+        self.ejections.store(multiplier, Ordering::Relaxed);
+        let out = settings
+            .ejection_time
+            .saturating_mul(multiplier)
+            .min(settings.max_ejection_time);
+        self.ejected_until_ms
+            .store(now_ms.saturating_add(duration_ms(out)), Ordering::Relaxed);
+        Some(out)
+    }
+
+    /// Whether an ejected backend has served its ejection time, so probes may bring it
+    /// back (or prove it dead). True for a backend that is not ejected.
+    pub fn ejection_over(&self, now: Instant) -> bool {
+        millis(now) >= self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Brings a down or ejected backend back up (probes passed, or a connect succeeded
+    /// while the pool had nothing else). Returns the state it left, or `None` when it was
+    /// neither down nor ejected (the operator's states are never overridden).
+    pub fn mark_up(&self, now: Instant) -> Option<Health> {
+        let from = [Health::Down, Health::Ejected]
+            .into_iter()
+            .find(|&from| self.transition(from, Health::Up))?;
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.returned_at_ms
+            .store(millis(now).max(1), Ordering::Relaxed);
+        Some(from)
+    }
+
+    /// Marks an up or ejected backend down because probes proved it dead. Returns the state
+    /// it left, or `None` when it was neither (already down, or the operator's).
+    pub fn mark_down(&self) -> Option<Health> {
+        [Health::Up, Health::Ejected]
+            .into_iter()
+            .find(|&from| self.transition(from, Health::Down))
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A backend inside a snapshot: its declared spec and its shared state.

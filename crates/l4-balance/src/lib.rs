@@ -9,10 +9,15 @@
 
 mod algorithms;
 mod backend;
+mod clock;
 mod flow_key;
+mod outlier;
+mod pool;
 mod snapshot;
 
 pub use algorithms::{build_maglev_table, is_prime, Algorithm, TimeMetric, DEFAULT_TABLE_SIZE};
 pub use backend::{Backend, BackendHandle, BackendSpec, BackendState, Health, MAX_WEIGHT};
 pub use flow_key::{FlowKey, HashKey, Protocol};
-pub use snapshot::{Pool, PoolError, PoolSnapshot};
+pub use outlier::OutlierSettings;
+pub use pool::Pool;
+pub use snapshot::{PoolError, PoolSnapshot};

@@ -2,11 +2,10 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::{ArcSwap, Guard};
-
 use crate::algorithms::{Algorithm, TierSelector};
-use crate::backend::{Backend, BackendHandle, BackendSpec, BackendState, MAX_WEIGHT};
+use crate::backend::{Backend, BackendHandle, BackendSpec, BackendState, Health, MAX_WEIGHT};
 use crate::flow_key::FlowKey;
+use crate::outlier::OutlierSettings;
 
 /// Why a pool could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,13 +39,19 @@ impl Tier {
         Tier { backends, selector }
     }
 
-    fn pick(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
+    fn pick(&self, key: &FlowKey, exclude: &[SocketAddr], wanted: Health) -> Option<BackendHandle> {
         if self.backends.is_empty() {
             return None;
         }
-        let eligible = |b: &Backend| b.state.is_usable() && !exclude.contains(&b.spec.addr);
+        let eligible = |b: &Backend| b.state.health() == wanted && !exclude.contains(&b.spec.addr);
         let index = self.selector.pick(&self.backends, key, eligible)?;
         Some(BackendHandle::acquire(&self.backends[index].state))
+    }
+
+    fn contains(&self, state: &BackendState) -> bool {
+        self.backends
+            .iter()
+            .any(|b| std::ptr::eq(Arc::as_ptr(&b.state), state))
     }
 }
 
@@ -54,13 +59,15 @@ impl Tier {
 #[derive(Debug)]
 pub struct PoolSnapshot {
     algorithm: Algorithm,
+    outlier: OutlierSettings,
     primary: Tier,
     backup: Tier,
 }
 
 impl PoolSnapshot {
-    /// Builds a snapshot. `carry` returns the existing state of a backend that was already
-    /// in the pool (on reload), so its health and counters survive.
+    /// Builds a snapshot with the default passive detection settings (see
+    /// [`PoolSnapshot::with_outlier`]). `carry` returns the existing state of a backend that
+    /// was already in the pool (on reload), so its health and counters survive.
     pub fn build(
         algorithm: Algorithm,
         specs: &[BackendSpec],
@@ -95,22 +102,39 @@ impl PoolSnapshot {
         }
         Ok(PoolSnapshot {
             algorithm,
+            outlier: OutlierSettings::default(),
             primary: Tier::new(algorithm, primary),
             backup: Tier::new(algorithm, backup),
         })
     }
 
+    /// The same snapshot with these passive detection settings.
+    pub fn with_outlier(mut self, outlier: OutlierSettings) -> Self {
+        self.outlier = outlier;
+        self
+    }
+
     /// Selects a usable backend not in `exclude` (addresses already tried for this
-    /// connection). Backups are considered only when no primary qualifies.
+    /// connection). Backups are considered only when no primary qualifies. When nothing
+    /// is usable but some backends are only ejected (suspected by passive detection, not
+    /// proven dead by probes or switched off), they are tried rather than refusing the
+    /// client: fail open, as Envoy's panic threshold and nginx's "all peers failed" reset.
     pub fn select(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
         self.primary
-            .pick(key, exclude)
-            .or_else(|| self.backup.pick(key, exclude))
+            .pick(key, exclude, Health::Up)
+            .or_else(|| self.backup.pick(key, exclude, Health::Up))
+            .or_else(|| self.primary.pick(key, exclude, Health::Ejected))
+            .or_else(|| self.backup.pick(key, exclude, Health::Ejected))
     }
 
     /// The algorithm this snapshot was built for.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// Passive detection settings.
+    pub fn outlier(&self) -> &OutlierSettings {
+        &self.outlier
     }
 
     /// All backends, primaries first.
@@ -120,51 +144,18 @@ impl PoolSnapshot {
             .iter()
             .chain(self.backup.backends.iter())
     }
-}
 
-/// A named pool: the published snapshot readers load with one atomic operation.
-#[derive(Debug)]
-pub struct Pool {
-    name: String,
-    snapshot: ArcSwap<PoolSnapshot>,
-}
-
-impl Pool {
-    /// A pool publishing `snapshot`.
-    pub fn new(name: impl Into<String>, snapshot: PoolSnapshot) -> Self {
-        Pool {
-            name: name.into(),
-            snapshot: ArcSwap::from_pointee(snapshot),
-        }
+    /// The tier (primaries or backups) that holds `state`, if this snapshot has it.
+    pub(crate) fn tier_of(&self, state: &BackendState) -> Option<&[Backend]> {
+        [&self.primary, &self.backup]
+            .into_iter()
+            .find(|tier| tier.contains(state))
+            .map(|tier| tier.backends.as_slice())
     }
 
-    /// The pool's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The current snapshot.
-    pub fn snapshot(&self) -> Guard<Arc<PoolSnapshot>> {
-        self.snapshot.load()
-    }
-
-    /// Publishes a new snapshot; readers see either the old or the new one, whole.
-    pub fn publish(&self, snapshot: PoolSnapshot) {
-        self.snapshot.store(Arc::new(snapshot));
-    }
-
-    /// The state of the backend at `addr` in the current snapshot, if present.
-    pub fn backend_state(&self, addr: SocketAddr) -> Option<Arc<BackendState>> {
-        self.snapshot
-            .load()
-            .backends()
-            .find(|b| b.spec.addr == addr)
-            .map(|b| Arc::clone(&b.state))
-    }
-
-    /// Selects a backend; see [`PoolSnapshot::select`].
-    pub fn select(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
-        self.snapshot.load().select(key, exclude)
+    /// Whether any backend takes new connections.
+    pub fn has_usable(&self) -> bool {
+        self.backends().any(|b| b.state.is_usable())
     }
 }
 

@@ -128,6 +128,172 @@ proptest! {
     }
 }
 
+/// Marks the backends flagged in `lost` unusable: the first one through `exclude` (as a
+/// retry after a failed connect would), the others alternately down and ejected.
+fn lose(snap: &PoolSnapshot, lost: &[bool]) -> Vec<SocketAddr> {
+    let mut exclude = Vec::new();
+    for (k, b) in snap
+        .backends()
+        .zip(lost)
+        .filter(|(_, &l)| l)
+        .map(|(b, _)| b)
+        .enumerate()
+    {
+        match k % 3 {
+            0 => exclude.push(b.spec.addr),
+            1 => {
+                b.state.set_health(Health::Down);
+            }
+            _ => {
+                b.state.set_health(Health::Ejected);
+            }
+        }
+    }
+    exclude
+}
+
+const PICKS: u64 = 100_000;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// With any subset of backends unusable (down, ejected, or excluded as after a failed
+    /// connect), every algorithm gives each survivor its weight's share of the survivors'
+    /// traffic, within 10% of that share.
+    #[test]
+    fn lost_share_spreads_over_survivors_by_weight(
+        weights in prop::collection::vec(1u32..=4, 2..=8),
+        lost in prop::collection::vec(any::<bool>(), 8),
+        algorithm in 0usize..6,
+    ) {
+        let lost: Vec<bool> = lost[..weights.len()].to_vec();
+        prop_assume!(lost.iter().any(|&l| !l));
+        let algorithm = every_algorithm_large()[algorithm];
+        let snap = PoolSnapshot::build(algorithm, &specs(&weights, 0), |_| None).unwrap();
+        let exclude = lose(&snap, &lost);
+        let mut counts: HashMap<SocketAddr, u64> = HashMap::new();
+        for n in 0..PICKS {
+            // Dropped at once: idle, as short connections leave load-aware algorithms.
+            let h = snap.select(&flow(n), &exclude).unwrap();
+            *counts.entry(h.addr()).or_default() += 1;
+        }
+        let surviving: u32 = weights.iter().zip(&lost).filter(|(_, &l)| !l).map(|(w, _)| w).sum();
+        for (i, (&w, &l)) in weights.iter().zip(&lost).enumerate() {
+            let got = counts.get(&addr(i)).copied().unwrap_or(0) as f64;
+            if l {
+                prop_assert_eq!(got, 0.0, "{:?}: unusable backend {} picked", algorithm, i);
+                continue;
+            }
+            let want = PICKS as f64 * f64::from(w) / f64::from(surviving);
+            prop_assert!(
+                (got - want).abs() <= want * 0.10,
+                "{:?}: backend {} weight {} got {} want {:.0} (weights {:?}, lost {:?})",
+                algorithm, i, w, got, want, weights, lost
+            );
+        }
+    }
+
+    /// For the hashing algorithms, losing backends moves only their keys, and those come
+    /// back when they do.
+    #[test]
+    fn hashing_moves_only_lost_keys_and_brings_them_back(
+        weights in prop::collection::vec(1u32..=4, 2..=8),
+        lost in prop::collection::vec(any::<bool>(), 8),
+        maglev in any::<bool>(),
+    ) {
+        let lost: Vec<bool> = lost[..weights.len()].to_vec();
+        prop_assume!(lost.iter().any(|&l| !l));
+        let algorithm = if maglev {
+            Algorithm::Maglev { key: HashKey::FiveTuple, table_size: DEFAULT_TABLE_SIZE }
+        } else {
+            Algorithm::SourceHash(HashKey::SrcIpPort)
+        };
+        let snap = PoolSnapshot::build(algorithm, &specs(&weights, 0), |_| None).unwrap();
+        let before: Vec<SocketAddr> =
+            (0..20_000).map(|n| snap.select(&flow(n), &[]).unwrap().addr()).collect();
+        let exclude = lose(&snap, &lost);
+        let gone: Vec<SocketAddr> =
+            (0..weights.len()).filter(|&i| lost[i]).map(addr).collect();
+        for (n, &was) in before.iter().enumerate() {
+            let now = snap.select(&flow(n as u64), &exclude).unwrap().addr();
+            if gone.contains(&was) {
+                prop_assert!(!gone.contains(&now));
+            } else {
+                prop_assert_eq!(now, was, "a key of a usable backend moved");
+            }
+        }
+        for b in snap.backends() {
+            b.state.set_health(Health::Up);
+        }
+        for (n, &was) in before.iter().enumerate() {
+            prop_assert_eq!(snap.select(&flow(n as u64), &[]).unwrap().addr(), was);
+        }
+    }
+}
+
+/// Like [`every_algorithm`], with maglev on its default table (the share test needs the
+/// table's own spread to be fine-grained).
+fn every_algorithm_large() -> Vec<Algorithm> {
+    let mut all = every_algorithm();
+    all[5] = Algorithm::Maglev {
+        key: HashKey::FiveTuple,
+        table_size: DEFAULT_TABLE_SIZE,
+    };
+    all[4] = Algorithm::SourceHash(HashKey::SrcIpPort);
+    all
+}
+
+/// The case: three equal backends on round robin, one down: 150/150, not 200/100.
+#[test]
+fn round_robin_with_one_of_three_down_alternates() {
+    let snap = PoolSnapshot::build(Algorithm::RoundRobin, &specs(&[1, 1, 1], 0), |_| None).unwrap();
+    snap.backends()
+        .nth(1)
+        .unwrap()
+        .state
+        .set_health(Health::Down);
+    let picks: Vec<SocketAddr> = (0..300)
+        .map(|n| snap.select(&flow(n), &[]).unwrap().addr())
+        .collect();
+    let first = picks.iter().filter(|&&a| a == addr(0)).count();
+    assert_eq!(first, 150);
+    assert!(
+        picks.windows(2).all(|w| w[0] != w[1]),
+        "strictly alternating"
+    );
+}
+
+/// Weights 1:1:2 with the heavy backend down: the light ones split evenly.
+#[test]
+fn weighted_round_robin_without_its_heavy_backend_splits_evenly() {
+    let snap = PoolSnapshot::build(Algorithm::RoundRobin, &specs(&[1, 1, 2], 0), |_| None).unwrap();
+    snap.backends()
+        .nth(2)
+        .unwrap()
+        .state
+        .set_health(Health::Down);
+    let a = (0..400)
+        .filter(|&n| snap.select(&flow(n), &[]).unwrap().addr() == addr(0))
+        .count();
+    assert_eq!(a, 200);
+}
+
+/// A period longer than the walk: a tiny survivor among heavy dead backends still gets
+/// its share through the weighted fallback.
+#[test]
+fn round_robin_falls_back_to_a_weighted_draw_past_its_walk() {
+    let mut weights = vec![256u32; 8];
+    weights.extend([1, 3]);
+    let snap = PoolSnapshot::build(Algorithm::RoundRobin, &specs(&weights, 0), |_| None).unwrap();
+    for b in snap.backends().take(8) {
+        b.state.set_health(Health::Down);
+    }
+    let light = (0..40_000)
+        .filter(|&n| snap.select(&flow(n), &[]).unwrap().addr() == addr(8))
+        .count();
+    assert!((9_000..=11_000).contains(&light), "{light}");
+}
+
 #[test]
 fn maglev_removing_one_of_ten_moves_few_other_keys() {
     let keys = 200_000;

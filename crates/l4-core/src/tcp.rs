@@ -14,8 +14,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use l4_health::Passive;
-
 use crate::admission::{AccessList, ConnectionLimit};
 use crate::connect::connect;
 use crate::proxy_protocol::{self, ProxyProtocol, Transport};
@@ -45,8 +43,6 @@ pub struct TcpService {
     pub limit: Arc<ConnectionLimit>,
     /// Header sent to backends.
     pub proxy_protocol: ProxyProtocol,
-    /// Where failed connects are reported (passive health).
-    pub passive: Arc<Passive>,
 }
 
 /// Accepts on `listener` until `stop` is cancelled; every connection runs as a task on
@@ -182,17 +178,21 @@ async fn connect_backend(
                 if measure_connect {
                     handle.state().record_response_time(started.elapsed());
                 }
+                service
+                    .pool
+                    .connect_succeeded(handle.state(), Instant::now().into_std());
                 return Ok((stream, handle));
             }
             Err(e) => {
                 info!(backend = %addr, error = %e, "backend connect failed");
-                handle.state().record_connect_failure();
                 if measure_connect {
                     // A failed attempt is a slow one: it must not look fast.
                     handle.state().record_response_time(service.connect_timeout);
                 }
                 if e.blames_backend() {
-                    service.passive.connect_failed(handle.state(), &e);
+                    service
+                        .pool
+                        .connect_failed(handle.state(), &e, Instant::now().into_std());
                 }
                 tried.push(addr);
             }

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use l4_balance::{BackendHandle, BackendState, FlowKey, Health, Pool, Protocol};
-use l4_health::Passive;
 use std::os::fd::AsFd;
 
 use tokio::io::Interest;
@@ -105,8 +104,6 @@ pub struct UdpService {
     pub bind: SocketAddr,
     /// Where flows go.
     pub pool: Arc<Pool>,
-    /// Where unreachable backends are reported.
-    pub passive: Arc<Passive>,
     /// A flow ends after this long without a datagram either way.
     pub idle_timeout: Duration,
     /// Flows per worker at most (the listener's `max_flows` split over its workers).
@@ -273,12 +270,12 @@ impl Worker {
         let usable = self
             .table
             .get_mut(&client, now)
-            // Draining keeps live flows (only new ones avoid the backend); down or disabled
-            // moves them.
+            // Draining keeps live flows (only new ones avoid the backend); down, ejected or
+            // disabled moves them.
             .map(|flow| {
                 !matches!(
                     flow.backend.state().health(),
-                    Health::Down | Health::Disabled
+                    Health::Down | Health::Ejected | Health::Disabled
                 )
             });
         match usable {
@@ -314,8 +311,8 @@ impl Worker {
                 bump(&stats.dropped_unreachable, count);
                 let state = Arc::clone(flow.backend.state());
                 self.service
-                    .passive
-                    .connect_failed(&state, &"udp port unreachable");
+                    .pool
+                    .connect_failed(&state, &"udp port unreachable", now);
             }
             Err(_) => bump(&stats.dropped_busy, count),
         }
@@ -372,7 +369,7 @@ impl Worker {
             client,
             shared: Arc::clone(&shared),
             backend: Arc::clone(backend.state()),
-            passive: Arc::clone(&self.service.passive),
+            pool: Arc::clone(&self.service.pool),
             stats: Arc::clone(&stats),
             epoch: self.epoch,
         }));
@@ -450,7 +447,7 @@ struct ReplyPath {
     client: SocketAddr,
     shared: Arc<FlowShared>,
     backend: Arc<BackendState>,
-    passive: Arc<Passive>,
+    pool: Arc<Pool>,
     stats: Arc<UdpStats>,
     epoch: Instant,
 }
@@ -495,6 +492,8 @@ async fn reply_loop(path: ReplyPath) {
                         .unwrap_or(u64::MAX)
                         .max(1);
                     path.shared.last_reply_ms.store(ms, Ordering::Relaxed);
+                    // The backend answers: its failure streak (ICMP unreachables) is over.
+                    path.pool.connect_succeeded(&path.backend, Instant::now());
                     if n < BATCH {
                         break;
                     }
@@ -503,8 +502,11 @@ async fn reply_loop(path: ReplyPath) {
                 Err(e) if is_unreachable(&e) => {
                     // ICMP port unreachable from the backend: a passive health failure.
                     bump(&path.stats.dropped_unreachable, 1);
-                    path.passive
-                        .connect_failed(&path.backend, &"udp port unreachable");
+                    path.pool.connect_failed(
+                        &path.backend,
+                        &"udp port unreachable",
+                        Instant::now(),
+                    );
                     break;
                 }
                 Err(e) => {

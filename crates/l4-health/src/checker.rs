@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::probe::{tcp_connect, udp_port, ProbeError};
 use crate::tracker::{Tracker, Verdict};
-use crate::{announce, HealthSettings, ProbeKind};
+use crate::{HealthSettings, ProbeKind};
 
 /// The checks of one pool.
 #[derive(Debug, Clone)]
@@ -81,36 +81,57 @@ impl Checker {
         tokio::time::sleep(s.interval.mul_f64(fastrand::f64())).await;
         loop {
             let health = state.health();
+            let now = tokio::time::Instant::now().into_std();
             match health {
                 // The operator's states are left alone.
                 Health::Draining | Health::Disabled => {}
+                // Passive detection's ejection is served in full before any probe.
+                Health::Ejected if !state.ejection_over(now) => tracker.reset(false),
                 Health::Up if !s.active => tracker.reset(true),
-                Health::Up | Health::Down => {
+                Health::Up | Health::Down | Health::Ejected => {
                     tracker.reset(health == Health::Up);
                     let result = probe(target, s.timeout).await;
-                    self.apply(&state, &mut tracker, result);
+                    self.apply(&state, health, &mut tracker, result);
                 }
             }
             tokio::time::sleep(jittered(s.interval)).await;
         }
     }
 
-    fn apply(&self, state: &BackendState, tracker: &mut Tracker, result: Result<(), ProbeError>) {
+    fn apply(
+        &self,
+        state: &BackendState,
+        before: Health,
+        tracker: &mut Tracker,
+        result: Result<(), ProbeError>,
+    ) {
         let s = self.settings;
-        let reason = match &result {
-            Ok(()) => format!("{0}/{0} probes ok", s.rise),
-            Err(e) => format!("{e}, {0}/{0} probes failed", s.fall),
-        };
+        if let (Health::Ejected, Err(e)) = (before, &result) {
+            // An ejected backend that fails a probe after its ejection time is proven
+            // dead: down, where it no longer counts against the ejection cap.
+            if let Some(from) = state.mark_down() {
+                let why = format!("{e} after its ejection time");
+                self.pool.announce(state.addr(), from, Health::Down, &why);
+            }
+            return;
+        }
         match tracker.observe(result.is_ok()) {
             Verdict::Same => {}
             Verdict::Up => {
-                if state.transition(Health::Down, Health::Up) {
-                    announce(&self.pool, state.addr(), true, &reason);
+                let now = tokio::time::Instant::now().into_std();
+                if let Some(from) = state.mark_up(now) {
+                    let why = format!("{0}/{0} probes ok", s.rise);
+                    self.pool.announce(state.addr(), from, Health::Up, &why);
                 }
             }
             Verdict::Down => {
                 if state.transition(Health::Up, Health::Down) {
-                    announce(&self.pool, state.addr(), false, &reason);
+                    let why = match &result {
+                        Err(e) => format!("{e}, {0}/{0} probes failed", s.fall),
+                        Ok(()) => format!("{0}/{0} probes failed", s.fall),
+                    };
+                    self.pool
+                        .announce(state.addr(), Health::Up, Health::Down, &why);
                 }
             }
         }
@@ -218,6 +239,73 @@ mod tests {
             () = checker.run(state.clone(), probe) => unreachable!(),
             () = flipper => {}
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_backend_is_probed_only_after_its_ejection_time() {
+        use l4_balance::OutlierSettings;
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            rise: 2,
+            ..HealthSettings::default()
+        };
+        let (pool, state) = pool();
+        let outlier = OutlierSettings {
+            failures: 1,
+            ejection_time: Duration::from_secs(10),
+            ..OutlierSettings::default()
+        };
+        pool.publish(
+            l4_balance::PoolSnapshot::build(
+                l4_balance::Algorithm::RoundRobin,
+                &[l4_balance::BackendSpec {
+                    addr: state.addr(),
+                    weight: 1,
+                    backup: false,
+                }],
+                |_| Some(state.clone()),
+            )
+            .unwrap()
+            .with_outlier(outlier),
+        );
+        let start = Instant::now();
+        assert!(pool.connect_failed(&state, &"refused", start.into_std()));
+        let checker = Checker::new(pool, settings);
+        let first_probe = Arc::new(Mutex::new(None));
+        let probe = {
+            let first_probe = first_probe.clone();
+            move |_a: SocketAddr, _t: Duration| {
+                first_probe
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(|| start.elapsed());
+                async { Ok(()) }
+            }
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), checker.run(state.clone(), probe)).await;
+        let first = first_probe.lock().unwrap().expect("probed at last");
+        assert!(first >= Duration::from_secs(10), "first probe at {first:?}");
+        assert_eq!(
+            state.health(),
+            Health::Up,
+            "two good probes brought it back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_backend_that_fails_its_probe_is_down() {
+        let (pool, state) = pool();
+        state.set_health(Health::Ejected); // ejection time 0: already served
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            ..HealthSettings::default()
+        };
+        let checker = Checker::new(pool, settings);
+        let probe = |_a: SocketAddr, t: Duration| async move { Err(ProbeError::Timeout(t)) };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(3), checker.run(state.clone(), probe)).await;
+        assert_eq!(state.health(), Health::Down);
     }
 
     #[tokio::test(start_paused = true)]

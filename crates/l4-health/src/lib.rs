@@ -6,14 +6,12 @@
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 mod checker;
-mod passive;
 pub mod probe;
 mod tracker;
 
 use std::time::Duration;
 
 pub use checker::{spawn_checks, Checker};
-pub use passive::Passive;
 pub use tracker::{Tracker, Verdict};
 
 /// How a backend is probed: by the protocol its listeners speak.
@@ -35,15 +33,14 @@ pub struct HealthSettings {
     pub timeout: Duration,
     /// Consecutive successful probes that bring a down backend up.
     pub rise: u32,
-    /// Consecutive failed probes (or passive failures within `interval x fall`) that take
-    /// an up backend down.
+    /// Consecutive failed probes that take an up backend down.
     pub fall: u32,
     /// Probe this port instead of the service port.
     pub port: Option<u16>,
     /// How backends are probed.
     pub probe: ProbeKind,
-    /// Whether up backends are probed too. Without a `health:` section only down backends
-    /// are probed (to bring them back); passive detection takes them down.
+    /// Whether up backends are probed too. Without a `health:` section only down and
+    /// ejected backends are probed (to bring them back); passive detection takes them out.
     pub active: bool,
 }
 
@@ -58,35 +55,6 @@ impl Default for HealthSettings {
             probe: ProbeKind::Tcp,
             active: false,
         }
-    }
-}
-
-/// Logs a health change of `backend` (one event with both states and the reason), then,
-/// once, that the pool just lost its last usable backend or got one back.
-pub(crate) fn announce(
-    pool: &l4_balance::Pool,
-    backend: std::net::SocketAddr,
-    up: bool,
-    reason: &dyn std::fmt::Display,
-) {
-    let (from, to) = if up { ("down", "up") } else { ("up", "down") };
-    if up {
-        tracing::info!(pool = pool.name(), backend = %backend, from, to, reason = %reason, "backend state changed");
-    } else {
-        tracing::warn!(pool = pool.name(), backend = %backend, from, to, reason = %reason, "backend state changed");
-    }
-    let usable = pool
-        .snapshot()
-        .backends()
-        .filter(|b| b.state.is_usable())
-        .count();
-    if !up && usable == 0 {
-        tracing::error!(
-            pool = pool.name(),
-            "pool has no usable backend: new clients are closed at once"
-        );
-    } else if up && usable == 1 {
-        tracing::warn!(pool = pool.name(), "pool has a usable backend again");
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use l4_balance::{
-    is_prime, Algorithm, BackendSpec, HashKey, TimeMetric, DEFAULT_TABLE_SIZE, MAX_WEIGHT,
+    is_prime, Algorithm, BackendSpec, HashKey, OutlierSettings, TimeMetric, DEFAULT_TABLE_SIZE,
+    MAX_WEIGHT,
 };
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
@@ -31,6 +32,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// See [`DEFAULT_CONNECT_TIMEOUT`].
 pub const DEFAULT_MAX_FLOWS: usize = 100_000;
+/// Upper bounds of passive detection settings.
+pub const MAX_PASSIVE_FAILURES: u32 = 1000;
+/// See [`MAX_PASSIVE_FAILURES`].
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(3600);
 
 // ---------------------------------------------------------------------------------------
 // Raw: the file as written.
@@ -96,8 +101,18 @@ struct RawPool {
     table_size: Option<u32>,
     least_time: Option<String>,
     health: Option<RawHealth>,
+    passive: Option<RawPassive>,
     #[serde(default)]
     backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassive {
+    failures: Option<u32>,
+    max_ejection_percent: Option<u32>,
+    ejection_time: Option<RawDuration>,
+    max_ejection_time: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,8 +204,10 @@ pub struct PoolConfig {
     pub name: String,
     /// Selection algorithm.
     pub algorithm: Algorithm,
-    /// Health checking (passive always; active probes of up backends with `health:`).
+    /// Active checks (of up backends only with `health:`; down and ejected ones always).
     pub health: HealthSettings,
+    /// Passive detection (outlier ejection) on the data path.
+    pub passive: OutlierSettings,
     /// Backends in file order.
     pub backends: Vec<BackendSpec>,
 }
@@ -577,6 +594,73 @@ impl Validator {
         }
     }
 
+    fn passive(&mut self, path: &str, raw: Option<&RawPassive>) -> OutlierSettings {
+        let defaults = OutlierSettings::default();
+        let Some(p) = raw else {
+            return defaults;
+        };
+        let failures = match p.failures {
+            Some(n @ 1..=MAX_PASSIVE_FAILURES) => n,
+            Some(n) => {
+                self.error(
+                    format!("{path}.passive.failures"),
+                    format!("{n} is outside 1..={MAX_PASSIVE_FAILURES}"),
+                );
+                defaults.failures
+            }
+            None => defaults.failures,
+        };
+        let max_ejection_percent = match p.max_ejection_percent {
+            Some(n) if n <= 100 => n as u8,
+            Some(n) => {
+                self.error(
+                    format!("{path}.passive.max_ejection_percent"),
+                    format!("{n} is outside 0..=100"),
+                );
+                defaults.max_ejection_percent
+            }
+            None => defaults.max_ejection_percent,
+        };
+        let ejection_time = self
+            .duration(
+                &format!("{path}.passive.ejection_time"),
+                p.ejection_time.as_ref(),
+            )
+            .unwrap_or(defaults.ejection_time);
+        let max_ejection_time = self
+            .duration(
+                &format!("{path}.passive.max_ejection_time"),
+                p.max_ejection_time.as_ref(),
+            )
+            .unwrap_or(defaults.max_ejection_time.max(ejection_time));
+        if max_ejection_time > MAX_EJECTION_TIME {
+            self.error(
+                format!("{path}.passive.max_ejection_time"),
+                format!(
+                    "{} is above the maximum {}",
+                    humantime::format_duration(max_ejection_time),
+                    humantime::format_duration(MAX_EJECTION_TIME)
+                ),
+            );
+        }
+        if ejection_time > max_ejection_time {
+            self.error(
+                format!("{path}.passive.ejection_time"),
+                format!(
+                    "{} is longer than max_ejection_time ({})",
+                    humantime::format_duration(ejection_time),
+                    humantime::format_duration(max_ejection_time)
+                ),
+            );
+        }
+        OutlierSettings {
+            failures,
+            max_ejection_percent,
+            ejection_time,
+            max_ejection_time,
+        }
+    }
+
     fn algorithm(&mut self, path: &str, p: &RawPool, udp_only: bool) -> Option<Algorithm> {
         let default = if udp_only { "maglev" } else { "round_robin" };
         let name = p.algorithm.as_deref().unwrap_or(default);
@@ -676,6 +760,7 @@ impl Validator {
                 udp_pools.contains(p.name.as_str()) && !tcp_pools.contains(p.name.as_str());
             let algorithm = self.algorithm(&path, p, udp_only);
             let mut health = self.health(&path, p.health.as_ref());
+            let passive = self.passive(&path, p.passive.as_ref());
             if udp_only {
                 health.probe = ProbeKind::Udp;
             }
@@ -730,6 +815,7 @@ impl Validator {
                     name: p.name.clone(),
                     algorithm,
                     health,
+                    passive,
                     backends,
                 });
             }
@@ -807,6 +893,30 @@ pools:
                 "missing {want:?} in {e:#?}"
             );
         }
+    }
+
+    #[test]
+    fn passive_settings_have_ranges() {
+        let text = GOOD.replace(
+            "  - name: web\n",
+            "  - name: web\n    passive: { failures: 0, max_ejection_percent: 101, ejection_time: 2m, max_ejection_time: 1m }\n",
+        );
+        let errs = errors(&text);
+        for want in [
+            "pools[0].passive.failures: 0 is outside 1..=1000",
+            "pools[0].passive.max_ejection_percent: 101 is outside 0..=100",
+            "pools[0].passive.ejection_time: 2m is longer than max_ejection_time (1m)",
+        ] {
+            assert!(errs.iter().any(|e| e == want), "{want} not in {errs:?}");
+        }
+        let ok = GOOD.replace(
+            "  - name: web\n",
+            "  - name: web\n    passive: { failures: 5, max_ejection_percent: 0, ejection_time: 500ms }\n",
+        );
+        let config = parse(&ok).unwrap();
+        let p = config.pools[0].passive;
+        assert_eq!((p.failures, p.max_ejection_percent), (5, 0));
+        assert_eq!(p.ejection_time, Duration::from_millis(500));
     }
 
     #[test]

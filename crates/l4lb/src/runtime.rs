@@ -17,7 +17,7 @@ use l4_core::listener::{bind_tcp, bind_udp};
 use l4_core::relay::RelayOptions;
 use l4_core::tcp::{serve, TcpService};
 use l4_core::udp::{serve_udp, UdpService, UdpStats};
-use l4_health::{spawn_checks, Passive};
+use l4_health::spawn_checks;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,17 +35,17 @@ pub fn run(config: Config) -> Result<()> {
     let mut pools = HashMap::new();
     for p in &config.pools {
         let snapshot = PoolSnapshot::build(p.algorithm, &p.backends, |_| None)
-            .with_context(|| format!("pool {}", p.name))?;
+            .with_context(|| format!("pool {}", p.name))?
+            .with_outlier(p.passive);
         let pool = Arc::new(Pool::new(p.name.clone(), snapshot));
-        let passive = Arc::new(Passive::new(Arc::clone(&pool), &p.health));
-        pools.insert(p.name.clone(), (pool, passive, p.health));
+        pools.insert(p.name.clone(), (pool, p.health));
     }
 
     // Bind everything before starting any worker, so a bad address fails the start.
     let mut bound = Vec::new();
     let mut udp_services = Vec::new();
     for l in &config.listeners {
-        let (pool, passive, _) = pools
+        let (pool, _) = pools
             .get(&l.pool)
             .ok_or_else(|| anyhow!("listener {}: no pool {}", l.name, l.pool))?;
         let mut sockets: Vec<WorkerSocket> = match l.protocol {
@@ -67,7 +67,6 @@ pub fn run(config: Config) -> Result<()> {
                     access: l.access.clone(),
                     limit: ConnectionLimit::new(l.max_connections),
                     proxy_protocol: l.proxy_protocol,
-                    passive: Arc::clone(passive),
                 });
                 sockets
                     .into_iter()
@@ -83,7 +82,6 @@ pub fn run(config: Config) -> Result<()> {
                     name: Arc::from(l.name.as_str()),
                     bind: l.bind,
                     pool: Arc::clone(pool),
-                    passive: Arc::clone(passive),
                     idle_timeout: l.idle_timeout,
                     max_flows_per_worker: l.max_flows.div_ceil(config.workers.max(1)),
                     access: l.access.clone(),
@@ -123,7 +121,7 @@ pub fn run(config: Config) -> Result<()> {
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         // Health checks run here, on the control thread, off the workers.
         let checks = CancellationToken::new();
-        for (pool, _, settings) in pools.values() {
+        for (pool, settings) in pools.values() {
             spawn_checks(Arc::clone(pool), *settings, checks.clone());
         }
         // Ready only once signals are handled: a SIGTERM from here on drains.

@@ -9,14 +9,18 @@
 //! The table depends only on the set of (address, weight) pairs: backends are sorted by
 //! address before the build, so two l4lb processes with the same backends, in any config
 //! order, build byte-identical tables and agree on every flow (they can sit side by side
-//! behind ECMP). Health is not part of the table: an unusable backend's keys probe forward
-//! to the next slots, deterministically, and come back when it does.
+//! behind ECMP). Health is not part of the table: an unusable backend's keys rehash into
+//! the same table (a key-dependent probe sequence, see [`super::pick_by_hash`]), so they
+//! spread over the usable backends by weight, every instance agrees, no other key moves,
+//! and they come back when it does. (Probing forward to the next slots would not be fair:
+//! the build leaves runs of one backend's slots next to another's, so one neighbour took
+//! 82% of a lost backend's keys.)
 
 use std::net::SocketAddr;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::first_eligible_slot;
+use super::pick_by_hash;
 use crate::backend::Backend;
 use crate::flow_key::{FlowKey, HashKey};
 
@@ -26,9 +30,6 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_6f66; // "maglevof"
 const SKIP_SEED: u64 = 0x6d61_676c_6576_736b; // "maglevsk"
-
-/// Slots probed past an unusable backend's slot before falling back to a linear scan.
-const MAX_PROBES: usize = 256;
 
 const EMPTY: u32 = u32::MAX;
 
@@ -144,22 +145,7 @@ impl Maglev {
         flow: &FlowKey,
         eligible: F,
     ) -> Option<usize> {
-        let len = self.table.len();
-        if len == 0 {
-            return None;
-        }
-        let start = (flow.hash(self.key) % len as u64) as usize;
-        let first = self.table[start] as usize;
-        if backends.get(first).is_some_and(&eligible) {
-            return Some(first);
-        }
-        for step in 1..MAX_PROBES.min(len) {
-            let i = self.table[(start + step) % len] as usize;
-            if backends.get(i).is_some_and(&eligible) {
-                return Some(i);
-            }
-        }
-        first_eligible_slot(&self.table, start, backends, eligible)
+        pick_by_hash(&self.table, flow.hash(self.key), backends, eligible)
     }
 }
 

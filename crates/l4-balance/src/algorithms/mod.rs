@@ -73,7 +73,7 @@ impl Algorithm {
 #[derive(Debug)]
 pub(crate) enum TierSelector {
     RoundRobin(round_robin::RoundRobin),
-    LeastConn,
+    LeastConn(least_load::LeastConn),
     PowerOfTwo(p2c::PowerOfTwo),
     LeastTime(p2c::PowerOfTwo),
     SourceHash(source_hash::SourceHash),
@@ -86,7 +86,7 @@ impl TierSelector {
             Algorithm::RoundRobin => {
                 TierSelector::RoundRobin(round_robin::RoundRobin::new(backends))
             }
-            Algorithm::LeastConn => TierSelector::LeastConn,
+            Algorithm::LeastConn => TierSelector::LeastConn(least_load::LeastConn::new(backends)),
             Algorithm::PowerOfTwo => TierSelector::PowerOfTwo(p2c::PowerOfTwo::new(backends)),
             Algorithm::LeastTime(_) => TierSelector::LeastTime(p2c::PowerOfTwo::new(backends)),
             Algorithm::SourceHash(key) => {
@@ -108,7 +108,7 @@ impl TierSelector {
     ) -> Option<usize> {
         match self {
             TierSelector::RoundRobin(rr) => rr.pick(backends, eligible),
-            TierSelector::LeastConn => least_load::least_conn(backends, eligible),
+            TierSelector::LeastConn(lc) => lc.pick(backends, eligible),
             TierSelector::PowerOfTwo(p2c) => p2c.pick(backends, eligible, p2c::active_load),
             TierSelector::LeastTime(p2c) => p2c.pick(backends, eligible, p2c::timed_load),
             TierSelector::SourceHash(sh) => sh.pick(backends, key, eligible),
@@ -152,29 +152,84 @@ pub(crate) fn weights(backends: &[Backend]) -> Vec<u64> {
     backends.iter().map(|b| u64::from(b.spec.weight)).collect()
 }
 
-/// Walks `slots` (backend indices) from `start` for at most one step per backend, then
-/// scans the backends linearly from `start`: bounded work even when most are unusable.
+/// Weight-proportional choice among the backends for which `eligible` holds,
+/// deterministic in `r` (a hash for the hashing algorithms, a random number otherwise).
+/// Every algorithm falls back to it when its fast path finds nobody eligible, so that
+/// even then a lost backend's share is spread by weight, never handed to a neighbour.
+/// O(backends); reached only when most of a tier's weight is unusable.
+#[inline(never)]
+pub(crate) fn weighted_choice<F: Fn(&Backend) -> bool>(
+    backends: &[Backend],
+    eligible: F,
+    r: u64,
+) -> Option<usize> {
+    let total: u64 = backends
+        .iter()
+        .filter(|b| eligible(b))
+        .map(|b| u64::from(b.spec.weight))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut target = r % total;
+    let mut last = None;
+    for (i, b) in backends.iter().enumerate() {
+        // Health may change between the two passes: then the last eligible one seen wins.
+        if !eligible(b) {
+            continue;
+        }
+        let weight = u64::from(b.spec.weight);
+        if target < weight {
+            return Some(i);
+        }
+        target -= weight;
+        last = Some(i);
+    }
+    last
+}
+
+/// Rehashes tried after a key's own slot before [`weighted_choice`]: with half the weight
+/// unusable, 8 misses in a row happen for 1 key in 256.
+const REHASHES: u64 = 8;
+
+/// The `attempt`-th member of a key's probe sequence: the splitmix64 finalizer over the
+/// key's hash, so each attempt is an independent, uniform draw that every l4lb instance
+/// computes alike (no random state, no `DefaultHasher`).
 #[inline]
-pub(crate) fn first_eligible_slot<F: Fn(&Backend) -> bool>(
+pub(crate) fn rehash(hash: u64, attempt: u64) -> u64 {
+    let mut z = hash.wrapping_add(attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A hashing algorithm's pick over a weight-proportional table of backend indices
+/// (maglev's lookup table, source_hash's schedule). A key whose own slot is eligible stays
+/// there, so keys of usable backends never move. A key whose backend is unusable rehashes:
+/// each attempt lands on a backend in proportion to its weight, so the lost backend's keys
+/// spread over the survivors by weight, deterministically, and return when it does.
+#[inline]
+pub(crate) fn pick_by_hash<F: Fn(&Backend) -> bool>(
     slots: &[u32],
-    start: usize,
+    hash: u64,
     backends: &[Backend],
     eligible: F,
 ) -> Option<usize> {
-    if slots.is_empty() || backends.is_empty() {
+    let len = slots.len() as u64;
+    if len == 0 {
         return None;
     }
-    let len = slots.len();
-    for step in 0..len.min(backends.len()) {
-        let index = slots[start.wrapping_add(step) % len] as usize;
+    let own = slots[(hash % len) as usize] as usize;
+    if backends.get(own).is_some_and(&eligible) {
+        return Some(own);
+    }
+    for attempt in 1..=REHASHES {
+        let index = slots[(rehash(hash, attempt) % len) as usize] as usize;
         if backends.get(index).is_some_and(&eligible) {
             return Some(index);
         }
     }
-    let offset = start % backends.len();
-    (0..backends.len())
-        .map(|i| (offset + i) % backends.len())
-        .find(|&i| eligible(&backends[i]))
+    weighted_choice(backends, eligible, rehash(hash, REHASHES + 1))
 }
 
 #[cfg(test)]

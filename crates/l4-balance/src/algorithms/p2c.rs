@@ -7,7 +7,7 @@
 //! the measured time (the "P2C + EWMA" design of Finagle and Envoy), so a slow backend
 //! loses every comparison against a fast one while fast backends share evenly.
 
-use super::{first_eligible_slot, smooth_weighted_schedule, weights};
+use super::{smooth_weighted_schedule, weighted_choice, weights};
 use crate::backend::Backend;
 
 #[derive(Debug)]
@@ -25,11 +25,14 @@ pub(crate) fn active_load(b: &Backend) -> u128 {
     u128::from(b.state.active())
 }
 
-/// Active connections, plus the one being placed, times the moving average of the
+/// Active connections plus one per unit of weight, times the moving average of the
 /// measured time rounded up to a power of two: backends within 2x of each other count as
 /// equally fast, so noise between healthy backends (100µs vs 120µs) does not decide,
-/// while a clearly slower one loses. A backend with no sample yet counts as 1µs, so it is
-/// tried and measured.
+/// while a clearly slower one loses. Divided by weight in the comparison, the baseline
+/// becomes exactly 1 for every backend, so idle backends of equal speed tie (and the
+/// weighted draw decides) whatever their weights; a baseline of one connection would let
+/// the heavier backend win every idle comparison. A backend with no sample yet counts as
+/// 1µs, so it is tried and measured.
 #[inline]
 pub(crate) fn timed_load(b: &Backend) -> u128 {
     let time = b
@@ -37,7 +40,8 @@ pub(crate) fn timed_load(b: &Backend) -> u128 {
         .response_time_us()
         .max(1)
         .checked_next_power_of_two();
-    u128::from(b.state.active() + 1) * u128::from(time.unwrap_or(u64::MAX))
+    let baseline = u64::from(b.spec.weight);
+    u128::from(b.state.active().saturating_add(baseline)) * u128::from(time.unwrap_or(u64::MAX))
 }
 
 impl PowerOfTwo {
@@ -69,8 +73,8 @@ impl PowerOfTwo {
             return None;
         }
         let Some(a) = self.sample(backends, &eligible, usize::MAX) else {
-            let start = fastrand::usize(..self.slots.len());
-            return first_eligible_slot(&self.slots, start, backends, eligible);
+            // Most of the weight is unusable: a weighted draw among the usable ones.
+            return weighted_choice(backends, eligible, fastrand::u64(..));
         };
         let Some(b) = self.sample(backends, &eligible, a) else {
             return Some(a);

@@ -4,16 +4,27 @@
 //! copy) to update it. The sequence it produces depends only on the weights, so we compute
 //! one full period of it when the snapshot is built and let every worker walk it with one
 //! shared atomic cursor. Same spread as nginx (interleaved, never bursty), no lock.
+//!
+//! Unusable backends are skipped by *spending* their positions: a pick moves the cursor
+//! past every position it skipped (one compare-and-swap), so the usable backends follow
+//! the same sequence with the unusable ones struck out, each getting its weight's share.
+//! (Taking only one position per pick would hand every skipped turn to the next backend
+//! in the sequence: with one of three down, its neighbour would get double.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{first_eligible_slot, smooth_weighted_schedule, weights};
+use super::{smooth_weighted_schedule, weighted_choice, weights};
 use crate::backend::Backend;
+
+/// Positions walked before giving up on the sequence: a period of up to this many
+/// positions (total weight over the weights' gcd) is always walked exactly.
+const MAX_WALK: usize = 1024;
 
 #[derive(Debug)]
 pub(crate) struct RoundRobin {
     /// One period of the smooth weighted sequence, as backend indices.
     schedule: Vec<u32>,
+    /// The next position, always below `schedule.len()`.
     cursor: AtomicUsize,
 }
 
@@ -31,7 +42,37 @@ impl RoundRobin {
         backends: &[Backend],
         eligible: F,
     ) -> Option<usize> {
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        first_eligible_slot(&self.schedule, start, backends, eligible)
+        let len = self.schedule.len();
+        if len == 0 {
+            return None;
+        }
+        let walk = len.min(MAX_WALK);
+        let mut cursor = self.cursor.load(Ordering::Relaxed);
+        loop {
+            let found = (0..walk).find_map(|step| {
+                let position = (cursor + step) % len;
+                let index = self.schedule[position] as usize;
+                backends
+                    .get(index)
+                    .is_some_and(&eligible)
+                    .then_some((position, index))
+            });
+            let Some((position, index)) = found else {
+                // Nothing usable within the walk (most of a long period is down): a
+                // weighted draw among the usable ones keeps the shares.
+                return weighted_choice(backends, eligible, fastrand::u64(..));
+            };
+            let next = (position + 1) % len;
+            match self.cursor.compare_exchange_weak(
+                cursor,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(index),
+                // Another worker moved the cursor: walk again from where it is now.
+                Err(now) => cursor = now % len,
+            }
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! `source_hash`: the hash of the client (by the pool's `hash` key) indexes a
 //! weight-proportional slot table, as HAProxy's `balance source` with map-based hashing.
-//! While a backend is unusable its clients move deterministically to the next slots;
-//! unlike maglev, adding or removing a backend remaps most clients.
+//! While a backend is unusable its clients rehash (see [`super::pick_by_hash`]): they
+//! spread over the usable backends by weight and come back with it. Unlike maglev,
+//! adding or removing a backend remaps most clients.
 
-use super::{first_eligible_slot, smooth_weighted_schedule, weights};
+use super::{pick_by_hash, smooth_weighted_schedule, weights};
 use crate::backend::Backend;
 use crate::flow_key::{FlowKey, HashKey};
 
@@ -28,10 +29,6 @@ impl SourceHash {
         flow: &FlowKey,
         eligible: F,
     ) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let start = (flow.hash(self.key) % self.slots.len() as u64) as usize;
-        first_eligible_slot(&self.slots, start, backends, eligible)
+        pick_by_hash(&self.slots, flow.hash(self.key), backends, eligible)
     }
 }
