@@ -42,7 +42,7 @@ fn each_kind_of_bad_config_exits_1_naming_the_field() {
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: maglev\n    table_size: 65536\n    backends:"), "pools[0].table_size: 65536 is not prime"),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: source_hash\n    hash: dst_ip\n    backends:"), "pools[0].hash: unknown hash key \"dst_ip\""),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    algorithm: least_time\n    least_time: last_byte\n    backends:"), "pools[0].least_time: unknown measure \"last_byte\""),
-        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 1s, rise: 0 }\n    backends:"), "pools[0].health.rise: must be at least 1"),
+        (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 1s, rise: 0 }\n    backends:"), "pools[0].health.rise: 0 is outside 1..=100"),
         (&BASE.replace("  - name: web\n    backends:", "  - name: web\n    health: { interval: 0ms }\n    backends:"), "pools[0].health.interval: must be greater than zero"),
         (&BASE.replace("{ name: web, bind: \"127.0.0.1:8080\", pool: web }", "{ name: web, bind: \"0.0.0.0:5353\", protocol: udp, pool: web }"), "listeners[0].bind: udp listeners need a specific address"),
         ("listeners: [\n", "line"),
@@ -55,6 +55,99 @@ fn each_kind_of_bad_config_exits_1_naming_the_field() {
             "expected {expected:?} in:\n{stderr}"
         );
     }
+}
+
+/// Values that once passed `--check` and then hung the start (a 16 GiB maglev table),
+/// panicked every connection (a deadline past the end of time) or aborted an allocation.
+#[test]
+fn extreme_values_are_refused_with_their_range() {
+    let pool = |extra: &str| {
+        BASE.replace(
+            "  - name: web\n    backends:",
+            &format!("  - name: web\n{extra}\n    backends:"),
+        )
+    };
+    let listener = |extra: &str| BASE.replace("pool: web }", &format!("pool: web, {extra} }}"));
+    let cases: &[(String, &str)] = &[
+        (
+            pool("    algorithm: maglev\n    table_size: 4294967291"),
+            "pools[0].table_size: 4294967291 is outside 2..=1000003",
+        ),
+        (
+            format!("workers: 100000\n{BASE}"),
+            "workers: 100000 is outside 1..=256",
+        ),
+        (
+            format!("max_pipes: 100000000\n{BASE}"),
+            "max_pipes: 100000000 is outside 0..=1000000",
+        ),
+        (
+            format!("drain_timeout: 1000000d\n{BASE}"),
+            "drain_timeout: 1000000d is above the maximum 1day",
+        ),
+        (
+            format!("defaults: {{ retries: 1000 }}\n{BASE}"),
+            "defaults.retries: 1000 is outside 0..=16",
+        ),
+        (
+            listener("idle_timeout: 100000000000s"),
+            "listeners[0].idle_timeout: 100000000000s is above the maximum 7days",
+        ),
+        (
+            listener("connect_timeout: 1h"),
+            "listeners[0].connect_timeout: 1h is above the maximum 5m",
+        ),
+        (
+            listener("max_connections: 100000000000"),
+            "listeners[0].max_connections: 100000000000 is outside 1..=10000000",
+        ),
+        (
+            BASE.replace(
+                "pool: web }",
+                "pool: web, protocol: udp, max_flows: 18446744073709551615 }",
+            ),
+            "listeners[0].max_flows: 18446744073709551615 is outside 1..=4000000",
+        ),
+        (
+            pool("    health: { interval: 1ms }"),
+            "pools[0].health.interval: 1ms is below the minimum 10ms",
+        ),
+        (
+            pool("    health: { fall: 4000000000 }"),
+            "pools[0].health.fall: 4000000000 is outside 1..=100",
+        ),
+        (
+            pool("    passive: { ejection_time: 2h }"),
+            "pools[0].passive.ejection_time: 2h is above the maximum 1h",
+        ),
+        (
+            pool("    source: [0.0.0.0]"),
+            "pools[0].source[0]: 0.0.0.0 is not a local unicast address",
+        ),
+        (
+            pool("    source: [\"::1\"]"),
+            "pools[0].backends[0].address: 127.0.0.1:8081 is IPv4 but the pool has no IPv4 source",
+        ),
+    ];
+    for (text, expected) in cases {
+        let (code, stderr) = check(text);
+        assert_eq!(code, 1, "{expected}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_largest_values_in_range_pass() {
+    let text = BASE
+        .replace("pool: web }", "pool: web, max_connections: 10000000, idle_timeout: 7days, connect_timeout: 5m, retries: 16 }")
+        .replace("  - name: web\n    backends:", "  - name: web\n    algorithm: maglev\n    table_size: 1000003\n    health: { interval: 1h, timeout: 1m, rise: 100, fall: 100 }\n    passive: { failures: 1000, max_ejection_percent: 100, ejection_time: 1h, max_ejection_time: 1h }\n    source: [127.0.0.1]\n    backends:");
+    let (code, stderr) = check(&format!(
+        "workers: 256\ndrain_timeout: 1day\nmax_pipes: 1000000\n{text}"
+    ));
+    assert_eq!(code, 0, "{stderr}");
 }
 
 #[test]

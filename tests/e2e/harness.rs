@@ -38,34 +38,72 @@ pub struct Balancer {
     pub listeners: Vec<(String, SocketAddr)>,
 }
 
+/// How to start l4lb, beyond its config.
+#[derive(Default)]
+pub struct Launch {
+    /// Extra environment variables.
+    pub env: Vec<(&'static str, String)>,
+    /// Stop reading its stderr once it is ready (the pipe then fills up).
+    pub stop_reading_logs: bool,
+    /// A command to run it under, e.g. `ip netns exec NAME` or `prlimit --nofile=64`.
+    pub prefix: Vec<String>,
+}
+
 impl Balancer {
     /// Writes `config` to a file, starts l4lb on it and waits until it is ready.
     pub fn start(config: &str) -> Balancer {
+        Balancer::start_with(config, Launch::default())
+    }
+
+    /// Like [`Balancer::start`], with launch options.
+    pub fn start_with(config: &str, launch: Launch) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l4lb.yaml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(binary())
+        let mut command = match launch.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        command
             .arg("--config")
             .arg(&path)
             .env("L4LB_LOG", "info")
+            .envs(launch.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start l4lb");
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start l4lb");
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
+        let stop_reading = launch.stop_reading_logs;
         {
             let lines = Arc::clone(&lines);
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
+                let mut reader = BufReader::new(stderr);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let line = line.trim_end().to_string();
                     if std::env::var_os("L4LB_TEST_ECHO").is_some() {
                         eprintln!("l4lb| {line}");
                     }
+                    let ready = line.contains(" ready");
                     lines.lock().unwrap().push(line);
                     let _ = tx.send(());
+                    if ready && stop_reading {
+                        // Hold the pipe open and never read again: l4lb's writes fill it.
+                        std::mem::forget(reader);
+                        return;
+                    }
                 }
             });
         }
@@ -134,6 +172,21 @@ impl Balancer {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+    }
+
+    /// Waits up to `limit` for the process to exit (seen as the end of its stderr);
+    /// `None` if it is still running then.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.new_line.recv_timeout(left) {
+                Ok(()) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => return None,
+            }
+        }
+        Some(self.child.wait().unwrap())
     }
 
     /// Waits for the process to exit, bounded by [`PATIENCE`]. The exit is seen as the end

@@ -1,7 +1,7 @@
 //! Connecting to a backend, with a timeout and an error that says what went wrong.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
@@ -40,15 +40,36 @@ impl ConnectError {
     }
 }
 
-/// Connects to `addr` within `timeout`, with `TCP_NODELAY` set: l4lb forwards what it
-/// receives at once and must not add Nagle delays of its own.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// Connects to `addr` within `timeout`, from `source` if given, with `TCP_NODELAY` set:
+/// l4lb forwards what it receives at once and must not add Nagle delays of its own.
+///
+/// A source address is bound with `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the local
+/// port at connect time by the whole 4-tuple: one local port serves one connection per
+/// backend, and each source adds a full port range.
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, ConnectError> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(ConnectError::Io)?;
     socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    if let Some(source) = source {
+        // IPv4 only in the kernel's option; IPv6 sockets bind the port at once instead.
+        if source.is_ipv4() {
+            let _ = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            );
+        }
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(ConnectError::Io)?;
+    }
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),

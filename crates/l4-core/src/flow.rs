@@ -9,7 +9,6 @@
 //! caller reports through `expire`'s `activity` (backend replies, counted elsewhere).
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -45,21 +44,28 @@ impl FlowEnd {
     }
 }
 
-/// A capped, LRU-ordered table of flows with idle expiry.
+/// A capped, LRU-ordered table of flows with idle expiry. Memory grows with the flows
+/// present, never preallocated for the cap (a cap of millions costs nothing until used).
 #[derive(Debug)]
 pub struct FlowTable<V> {
     flows: LruCache<SocketAddr, Entry<V>>,
+    capacity: usize,
     idle_timeout: Duration,
 }
 
 impl<V> FlowTable<V> {
     /// A table of at most `capacity` flows (at least 1) expiring after `idle_timeout`.
     pub fn new(capacity: usize, idle_timeout: Duration) -> Self {
-        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         FlowTable {
-            flows: LruCache::new(capacity),
+            flows: LruCache::unbounded(),
+            capacity: capacity.max(1),
             idle_timeout,
         }
+    }
+
+    /// Whether a new flow would have to evict one.
+    pub fn is_full(&self) -> bool {
+        self.flows.len() >= self.capacity
     }
 
     /// Flows in the table.
@@ -87,15 +93,16 @@ impl<V> FlowTable<V> {
         value: V,
         now: Instant,
     ) -> Option<(SocketAddr, V)> {
-        self.flows
-            .push(
-                client,
-                Entry {
-                    value,
-                    last_seen: now,
-                },
-            )
-            .map(|(k, e)| (k, e.value))
+        let entry = Entry {
+            value,
+            last_seen: now,
+        };
+        if !self.flows.contains(&client) && self.is_full() {
+            let evicted = self.flows.pop_lru().map(|(k, e)| (k, e.value));
+            self.flows.push(client, entry);
+            return evicted;
+        }
+        self.flows.push(client, entry).map(|(k, e)| (k, e.value))
     }
 
     /// Removes the flow of `client`.

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod connect;
+mod fault;
 pub mod flow;
 pub mod listener;
 mod pipe_pool;
@@ -15,3 +16,4 @@ pub mod relay;
 pub mod sys;
 pub mod tcp;
 pub mod udp;
+mod udp_ports;

@@ -52,6 +52,8 @@ pub struct RelayOptions {
     pub mode: RelayMode,
     /// Close the connection after this long with no byte in either direction.
     pub idle_timeout: Duration,
+    /// Pipes this worker may hold (pooled or in use); past it directions copy.
+    pub max_pipes: usize,
 }
 
 /// One of the two peers of a relayed connection.
@@ -122,13 +124,45 @@ struct Progress {
     spliced: AtomicU64,
     /// Directions that reached end of stream (0, 1 or 2).
     directions_done: AtomicU64,
+    /// Bytes read from one side and not yet written to the other (in a pipe or a leftover
+    /// buffer). A connection cut while this is not zero is reset, never closed with a FIN
+    /// that would make the truncated stream look complete.
+    in_flight: AtomicU64,
 }
 
 impl Progress {
-    fn add(&self, counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    fn new() -> Self {
+        Progress {
+            start: Instant::now(),
+            client_to_backend: AtomicU64::new(0),
+            backend_to_client: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
+            directions_done: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    /// Any byte moving either way, read or written, keeps the connection from idling out:
+    /// a slow reader that drains a backlog is not idle.
+    fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn read(&self, n: usize) {
+        self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn wrote(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn has_pending_bytes(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
     }
 
     fn idle_deadline(&self, idle: Duration) -> Instant {
@@ -160,6 +194,7 @@ struct Direction<'a> {
     counter: &'a AtomicU64,
     progress: &'a Progress,
     on_first_byte: FirstByteHook<'a>,
+    max_pipes: usize,
 }
 
 /// Bytes read at once on the copy path; a direction whose reads keep filling it is bulk.
@@ -193,15 +228,20 @@ enum CopyEnd {
 }
 
 impl Direction<'_> {
-    /// Accounts `n` bytes moved; the first time, reports the time to first byte.
-    fn moved(&self, n: usize, first: &mut bool) {
+    /// Accounts `n` bytes read from `from`; the first time, reports the time to first byte.
+    fn read(&self, n: usize, first: &mut bool) {
         if *first {
             *first = false;
             if let Some(hook) = self.on_first_byte {
                 hook(self.progress.start.elapsed());
             }
         }
-        self.progress.add(self.counter, n);
+        self.progress.read(n);
+    }
+
+    /// Accounts `n` bytes written to `to`.
+    fn wrote(&self, n: usize) {
+        self.progress.wrote(self.counter, n);
     }
 
     fn fail_from(&self, error: io::Error) -> PumpError {
@@ -252,9 +292,14 @@ impl Direction<'_> {
             if let Err(e) = self.from.readable().await {
                 return Ok(Err(self.fail_from(e)));
             }
-            // No pipe to be had (out of descriptors): copy instead; nothing is in flight.
-            let Ok(pipe) = pipe_pool::take() else {
-                return Err(SpliceUnavailable);
+            // No pipe to be had (the cap, a shrunk pipe, out of descriptors): copy instead;
+            // nothing is in flight.
+            let pipe = match pipe_pool::take(self.max_pipes) {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    tracing::debug!(reason = %e, "no pipe: copying");
+                    return Err(SpliceUnavailable);
+                }
             };
             loop {
                 let filled = self.from.try_io(Interest::READABLE, || {
@@ -283,6 +328,7 @@ impl Direction<'_> {
                         return Ok(Err(self.fail_from(e)));
                     }
                 };
+                self.read(n, first);
                 let mut left = n;
                 while left > 0 {
                     let drained = self
@@ -294,7 +340,10 @@ impl Direction<'_> {
                             let e = io::Error::from(io::ErrorKind::WriteZero);
                             return Ok(Err(self.fail_to(e)));
                         }
-                        Ok(m) => left -= m,
+                        Ok(m) => {
+                            left -= m;
+                            self.wrote(m);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             if let Err(e) = self.to.writable().await {
                                 return Ok(Err(self.fail_to(e)));
@@ -305,7 +354,6 @@ impl Direction<'_> {
                     }
                 }
                 self.progress.spliced.fetch_add(n as u64, Ordering::Relaxed);
-                self.moved(n, first);
             }
         }
     }
@@ -330,13 +378,17 @@ impl Direction<'_> {
                     // paying a read that returns EAGAIN to learn it.
                     mark_drained(self.from, Interest::READABLE);
                 }
+                self.read(n, first);
                 let mut written = 0;
                 while written < n {
                     match self.to.try_write(&buf[written..n]) {
                         Ok(0) => {
                             return Err(self.fail_to(io::Error::from(io::ErrorKind::WriteZero)))
                         }
-                        Ok(m) => written += m,
+                        Ok(m) => {
+                            written += m;
+                            self.wrote(m);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => return Err(self.fail_to(e)),
                     }
@@ -356,7 +408,10 @@ impl Direction<'_> {
             while written < leftover.len() {
                 match self.to.try_write(&leftover[written..]) {
                     Ok(0) => return Err(self.fail_to(io::Error::from(io::ErrorKind::WriteZero))),
-                    Ok(m) => written += m,
+                    Ok(m) => {
+                        written += m;
+                        self.wrote(m);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.to.writable().await.map_err(|e| self.fail_to(e))?;
                     }
@@ -367,7 +422,6 @@ impl Direction<'_> {
                 // Released, not kept: an idle connection holds no buffer.
                 leftover = Vec::new();
             }
-            self.moved(n, first);
             if n == COPY_BUFFER {
                 full_reads += 1;
                 if promote && full_reads >= BULK_READS {
@@ -425,6 +479,25 @@ fn abort(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Resets both sides if the relay is dropped before it finished (the drain timeout ends
+/// every live connection by dropping it) while bytes are still in flight: the client must
+/// see the cut, not a FIN after a truncated stream.
+struct CutGuard<'a> {
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    progress: &'a Progress,
+    finished: bool,
+}
+
+impl Drop for CutGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished && self.progress.has_pending_bytes() {
+            abort(self.client);
+            abort(self.backend);
+        }
+    }
+}
+
 /// Relays between `client` and `backend` until the connection ends, then closes both.
 /// `on_first_byte` is told how long the backend took to send its first byte.
 pub async fn relay(
@@ -433,13 +506,12 @@ pub async fn relay(
     options: RelayOptions,
     on_first_byte: FirstByteHook<'_>,
 ) -> RelayReport {
-    let progress = Progress {
-        start: Instant::now(),
-        client_to_backend: AtomicU64::new(0),
-        backend_to_client: AtomicU64::new(0),
-        last_activity_ms: AtomicU64::new(0),
-        spliced: AtomicU64::new(0),
-        directions_done: AtomicU64::new(0),
+    let progress = Progress::new();
+    let mut guard = CutGuard {
+        client: &client,
+        backend: &backend,
+        progress: &progress,
+        finished: false,
     };
     let upstream = Direction {
         from: &client,
@@ -449,6 +521,7 @@ pub async fn relay(
         counter: &progress.client_to_backend,
         progress: &progress,
         on_first_byte: None,
+        max_pipes: options.max_pipes,
     };
     let downstream = Direction {
         from: &backend,
@@ -458,6 +531,7 @@ pub async fn relay(
         counter: &progress.backend_to_client,
         progress: &progress,
         on_first_byte,
+        max_pipes: options.max_pipes,
     };
     let up = upstream.run(options.mode);
     let down = downstream.run(options.mode);
@@ -489,14 +563,19 @@ pub async fn relay(
             break (RelayEnd::Closed, None);
         }
     };
-    if let RelayEnd::Reset(side) = end {
+    match end {
         // Pass the failure on: the surviving peer gets a RST, not a clean FIN that could
         // make a truncated response look complete.
-        match side {
-            Side::Client => abort(&backend),
-            Side::Backend => abort(&client),
+        RelayEnd::Reset(Side::Client) => abort(&backend),
+        RelayEnd::Reset(Side::Backend) => abort(&client),
+        // Idle with bytes stuck behind a peer that stopped reading: reset both.
+        RelayEnd::IdleTimeout if progress.has_pending_bytes() => {
+            abort(&client);
+            abort(&backend);
         }
+        RelayEnd::IdleTimeout | RelayEnd::Closed => {}
     }
+    guard.finished = true;
     RelayReport {
         client_to_backend: progress.client_to_backend.load(Ordering::Relaxed),
         backend_to_client: progress.backend_to_client.load(Ordering::Relaxed),

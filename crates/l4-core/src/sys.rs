@@ -208,9 +208,30 @@ impl RecvBatch {
     }
 }
 
-/// Whether UDP generic segmentation offload may be tried; cleared for good the first time
-/// the kernel refuses it.
+/// Whether UDP generic segmentation offload may be tried; cleared for good when the
+/// kernel says it has no `UDP_SEGMENT` at all.
 static GSO: AtomicBool = AtomicBool::new(true);
+
+/// What a refused GSO send means.
+#[derive(Debug, PartialEq, Eq)]
+enum GsoRefusal {
+    /// This send cannot be segmented (a segment larger than the route's MTU: EINVAL; a
+    /// device that cannot checksum it: EIO): send it datagram by datagram, and keep GSO
+    /// for the next send, which may go another way.
+    ThisSend,
+    /// The kernel has no UDP GSO: never try again.
+    ForGood,
+    /// Not about GSO (a full buffer, an unreachable peer): the caller's error.
+    NotGso,
+}
+
+fn gso_refusal(e: &io::Error) -> GsoRefusal {
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::EIO) => GsoRefusal::ThisSend,
+        Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP) => GsoRefusal::ForGood,
+        _ => GsoRefusal::NotGso,
+    }
+}
 
 /// Segments the kernel accepts in one GSO send (`UDP_MAX_SEGMENTS`).
 const GSO_MAX_SEGMENTS: usize = 64;
@@ -296,19 +317,11 @@ pub fn send_batch(
         if let Some(size) = gso_eligible(payloads) {
             match send_segmented(fd, payloads, size, dest.as_ref()) {
                 Ok(n) => return Ok(n),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL)
-                            | Some(libc::EIO)
-                            | Some(libc::ENOPROTOOPT)
-                            | Some(libc::EOPNOTSUPP)
-                    ) =>
-                {
-                    // This kernel or device cannot segment: never try again.
-                    GSO.store(false, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
+                Err(e) => match gso_refusal(&e) {
+                    GsoRefusal::ThisSend => {}
+                    GsoRefusal::ForGood => GSO.store(false, Ordering::Relaxed),
+                    GsoRefusal::NotGso => return Err(e),
+                },
             }
         }
     }
@@ -360,6 +373,15 @@ pub fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_kernel_without_gso_turns_it_off_for_good() {
+        let e = |code| io::Error::from_raw_os_error(code);
+        assert_eq!(gso_refusal(&e(libc::EINVAL)), GsoRefusal::ThisSend);
+        assert_eq!(gso_refusal(&e(libc::EIO)), GsoRefusal::ThisSend);
+        assert_eq!(gso_refusal(&e(libc::ENOPROTOOPT)), GsoRefusal::ForGood);
+        assert_eq!(gso_refusal(&e(libc::EAGAIN)), GsoRefusal::NotGso);
+    }
 
     #[test]
     fn pipe_capacity_is_read_back() {

@@ -2,7 +2,8 @@
 //! the PROXY header, relay, and log one event when the connection ends.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,24 @@ pub struct TcpService {
     pub limit: Arc<ConnectionLimit>,
     /// Header sent to backends.
     pub proxy_protocol: ProxyProtocol,
+    /// Local addresses backend connections leave from, in turn (empty: by route).
+    pub sources: Vec<IpAddr>,
+    /// The next source to use.
+    pub next_source: AtomicUsize,
+}
+
+impl TcpService {
+    /// The source address for a connection to `backend`: the next configured one of its
+    /// family, or none (the route decides).
+    fn source_for(&self, backend: SocketAddr) -> Option<IpAddr> {
+        if self.sources.is_empty() {
+            return None;
+        }
+        let start = self.next_source.fetch_add(1, Ordering::Relaxed);
+        (0..self.sources.len())
+            .map(|i| self.sources[(start + i) % self.sources.len()])
+            .find(|ip| ip.is_ipv4() == backend.is_ipv4())
+    }
 }
 
 /// Accepts on `listener` until `stop` is cancelled; every connection runs as a task on
@@ -55,6 +74,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let local = listener.local_addr().ok();
+    let inject_panic = crate::fault::panic_requested("tcp_accept");
     loop {
         let accepted = tokio::select! {
             biased;
@@ -63,6 +83,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
+                if inject_panic {
+                    panic!("injected panic in the accept loop (L4LB_INJECT_PANIC)");
+                }
                 // Only a wildcard listener needs getsockname to learn which address the
                 // client reached; otherwise it is the listener's, and the syscall is saved.
                 let local = match local {
@@ -173,7 +196,7 @@ async fn connect_backend(
         drop(snapshot);
         let addr = handle.addr();
         let started = Instant::now();
-        match connect(addr, service.connect_timeout).await {
+        match connect(addr, service.connect_timeout, service.source_for(addr)).await {
             Ok(stream) => {
                 if measure_connect {
                     handle.state().record_response_time(started.elapsed());

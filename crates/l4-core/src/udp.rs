@@ -13,17 +13,19 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use l4_balance::{BackendHandle, BackendState, FlowKey, Health, Pool, Protocol};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
+
+use crate::udp_ports::{FlowSocket, PortBook};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -104,6 +106,9 @@ pub struct UdpService {
     pub bind: SocketAddr,
     /// Where flows go.
     pub pool: Arc<Pool>,
+    /// Local addresses flow sockets bind to (empty: the wildcard); each adds a full range
+    /// of local ports, which flows to different backends share.
+    pub sources: Vec<IpAddr>,
     /// A flow ends after this long without a datagram either way.
     pub idle_timeout: Duration,
     /// Flows per worker at most (the listener's `max_flows` split over its workers).
@@ -125,7 +130,7 @@ struct FlowShared {
 
 /// One flow: its backend socket, the backend it counts against, and its reply task.
 struct Flow {
-    socket: Arc<UdpSocket>,
+    socket: Arc<FlowSocket>,
     backend: BackendHandle,
     shared: Arc<FlowShared>,
     reply: JoinHandle<()>,
@@ -156,6 +161,11 @@ struct Worker {
     listener: Arc<UdpSocket>,
     table: FlowTable<Flow>,
     epoch: Instant,
+    ports: PortBook,
+    /// A descriptor held back for the moment the process runs out: closing it lets the
+    /// new flow open its socket at once, while the evicted flow's socket closes only when
+    /// its reply task is dropped, a moment later. Refilled on the next sweep.
+    reserve: Option<OwnedFd>,
 }
 
 /// Serves datagrams on `socket` until `stop`; ends every flow on return.
@@ -173,19 +183,26 @@ pub async fn serve_udp(
     };
     let mut worker = Worker {
         table: FlowTable::new(service.max_flows_per_worker, service.idle_timeout),
+        ports: PortBook::new(service.sources.clone()),
+        reserve: None,
         service,
         listener,
         epoch: Instant::now(),
     };
+    worker.refill_reserve();
     let sweep_every =
         (worker.service.idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = RecvBatch::default();
+    let inject_panic = crate::fault::panic_requested("udp_receive");
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            _ = sweep.tick() => worker.expire(),
+            _ = sweep.tick() => {
+                worker.expire();
+                worker.refill_reserve();
+            }
             ready = worker.listener.readable() => {
                 if ready.is_err() {
                     continue;
@@ -196,6 +213,9 @@ pub async fn serve_udp(
                         .try_io(Interest::READABLE, || batch.recv(listener.as_fd()));
                     match received {
                         Ok(n) => {
+                            if inject_panic {
+                                panic!("injected panic in the udp loop (L4LB_INJECT_PANIC)");
+                            }
                             worker.forward_batch(&batch, n);
                             // A short batch means the queue is drained for now: forget the
                             // readiness instead of paying a recvmmsg that says EAGAIN.
@@ -237,6 +257,8 @@ impl Worker {
     /// backend in one send (GSO or `sendmmsg`), however the clients interleave in the
     /// batch. Order only matters within a flow, so grouping keeps every guarantee.
     fn forward_batch(&mut self, batch: &RecvBatch, n: usize) {
+        // The reserve comes back as soon as an evicted flow's socket has closed.
+        self.refill_reserve();
         let mut taken = [false; BATCH];
         for i in 0..n {
             if taken[i] {
@@ -327,22 +349,25 @@ impl Worker {
             local: self.flow_local(),
             protocol: Protocol::Udp,
         };
+        // At the cap, the oldest flow goes before the new one opens its socket.
+        if self.table.is_full() {
+            self.evict_oldest();
+        }
         let mut tried = Vec::new();
         let (backend, socket) = loop {
             let Some(backend) = self.service.pool.select(&key, &tried) else {
                 bump(&stats.dropped_no_backend, datagrams);
                 return false;
             };
-            match self.connect(backend.addr()) {
+            match self.ports.open(backend.addr()) {
                 Ok(socket) => break (backend, socket),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
-                    // Out of descriptors: give up the least recently used flow for this one.
-                    if let Some((old, flow)) = self.table.pop_oldest() {
-                        bump(&stats.flows_evicted, 1);
-                        self.end(old, flow, FlowEnd::Evicted);
-                        if let Ok(socket) = self.connect(backend.addr()) {
-                            break (backend, socket);
-                        }
+                    // Out of descriptors: give up the least recently used flow for this
+                    // one, and use the reserve while its socket is being closed.
+                    self.evict_oldest();
+                    self.reserve = None;
+                    if let Ok(socket) = self.ports.open(backend.addr()) {
+                        break (backend, socket);
                     }
                     bump(&stats.dropped_no_socket, datagrams);
                     return false;
@@ -409,15 +434,17 @@ impl Worker {
         }
     }
 
-    fn connect(&self, backend: SocketAddr) -> io::Result<UdpSocket> {
-        let any: IpAddr = match backend {
-            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-        };
-        let socket = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
-        socket.connect(backend)?;
-        socket.set_nonblocking(true)?;
-        UdpSocket::from_std(socket)
+    fn evict_oldest(&mut self) {
+        if let Some((old, flow)) = self.table.pop_oldest() {
+            bump(&self.service.stats.flows_evicted, 1);
+            self.end(old, flow, FlowEnd::Evicted);
+        }
+    }
+
+    fn refill_reserve(&mut self) {
+        if self.reserve.is_none() {
+            self.reserve = self.listener.as_fd().try_clone_to_owned().ok();
+        }
     }
 
     fn end(&self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
@@ -442,7 +469,7 @@ impl Worker {
 
 /// What a flow's reply task needs.
 struct ReplyPath {
-    backend_socket: Arc<UdpSocket>,
+    backend_socket: Arc<FlowSocket>,
     listener: Arc<UdpSocket>,
     client: SocketAddr,
     shared: Arc<FlowShared>,
@@ -465,7 +492,7 @@ async fn reply_loop(path: ReplyPath) {
                 let socket = &path.backend_socket;
                 let n = socket.try_io(Interest::READABLE, || batch.recv(socket.as_fd()))?;
                 if n < BATCH {
-                    mark_drained(socket.as_ref(), Interest::READABLE);
+                    mark_drained(&***socket, Interest::READABLE);
                 }
                 let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
                 for (i, slot) in payloads.iter_mut().enumerate().take(n) {

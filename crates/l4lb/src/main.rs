@@ -3,9 +3,9 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod logging;
 mod runtime;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -52,22 +52,14 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_logging();
-    match runtime::run(config).context("l4lb failed") {
+    let logging = logging::init();
+    let code = match runtime::run(config, logging.dropped()).context("l4lb failed") {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("L4LB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    };
+    drop(logging); // flushes the queued lines
+    code
 }

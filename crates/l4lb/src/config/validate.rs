@@ -1,10 +1,11 @@
-//! The YAML config: raw structs as written (unknown keys rejected), then validated into a
-//! typed model. Validation collects every error with its path (`pools[0].backends[2].address:
-//! ...`) instead of stopping at the first, so `--check` shows everything to fix at once.
+//! Validation: the raw file into the model. Every error is collected with its path
+//! (`pools[0].backends[2].address: ...`) instead of stopping at the first, so `--check`
+//! shows everything to fix at once, and every value is checked against its range, so
+//! nothing that passes can crash or hang l4lb.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -16,238 +17,9 @@ use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
 use l4_health::{HealthSettings, ProbeKind};
-use serde::Deserialize;
 
-/// Defaults applied where neither a listener nor `defaults:` says otherwise.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// See [`DEFAULT_CONNECT_TIMEOUT`].
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// See [`DEFAULT_CONNECT_TIMEOUT`].
-pub const DEFAULT_RETRIES: u32 = 2;
-/// See [`DEFAULT_CONNECT_TIMEOUT`].
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// See [`DEFAULT_CONNECT_TIMEOUT`].
-pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
-/// See [`DEFAULT_CONNECT_TIMEOUT`].
-pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// See [`DEFAULT_CONNECT_TIMEOUT`].
-pub const DEFAULT_MAX_FLOWS: usize = 100_000;
-/// Upper bounds of passive detection settings.
-pub const MAX_PASSIVE_FAILURES: u32 = 1000;
-/// See [`MAX_PASSIVE_FAILURES`].
-pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(3600);
-
-// ---------------------------------------------------------------------------------------
-// Raw: the file as written.
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    workers: Option<usize>,
-    admin: Option<String>,
-    drain_timeout: Option<RawDuration>,
-    #[serde(default)]
-    defaults: RawDefaults,
-    #[serde(default)]
-    listeners: Vec<RawListener>,
-    #[serde(default)]
-    pools: Vec<RawPool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDefaults {
-    connect_timeout: Option<RawDuration>,
-    idle_timeout: Option<RawDuration>,
-    retries: Option<u32>,
-    relay: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    name: String,
-    bind: String,
-    protocol: Option<String>,
-    pool: Option<String>,
-    proxy_protocol: Option<String>,
-    #[serde(default)]
-    allow: Vec<String>,
-    #[serde(default)]
-    deny: Vec<String>,
-    max_connections: Option<usize>,
-    connect_timeout: Option<RawDuration>,
-    idle_timeout: Option<RawDuration>,
-    retries: Option<u32>,
-    relay: Option<String>,
-    sni: Option<Vec<RawSniRoute>>,
-    max_flows: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSniRoute {
-    #[serde(rename = "match")]
-    pattern: String,
-    pool: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPool {
-    name: String,
-    algorithm: Option<String>,
-    hash: Option<String>,
-    table_size: Option<u32>,
-    least_time: Option<String>,
-    health: Option<RawHealth>,
-    passive: Option<RawPassive>,
-    #[serde(default)]
-    backends: Vec<RawBackend>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPassive {
-    failures: Option<u32>,
-    max_ejection_percent: Option<u32>,
-    ejection_time: Option<RawDuration>,
-    max_ejection_time: Option<RawDuration>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    interval: Option<RawDuration>,
-    timeout: Option<RawDuration>,
-    rise: Option<u32>,
-    fall: Option<u32>,
-    port: Option<u16>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    address: String,
-    weight: Option<u32>,
-    #[serde(default)]
-    backup: bool,
-}
-
-/// A duration as written: `3s`, `500ms`, `1m 30s`. A bare number is kept so that the
-/// error can say why it is refused instead of a generic type error.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawDuration {
-    Text(String),
-    Number(serde_yaml_ng::Number),
-}
-
-// ---------------------------------------------------------------------------------------
-// Validated model.
-
-/// A validated configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Worker threads, each with its own listening sockets.
-    pub workers: usize,
-    /// How long live connections may take to finish after SIGTERM.
-    pub drain_timeout: Duration,
-    /// Listeners, in file order.
-    pub listeners: Vec<Listener>,
-    /// Pools, in file order.
-    pub pools: Vec<PoolConfig>,
-}
-
-/// Transport of a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerProtocol {
-    /// TCP connections.
-    Tcp,
-    /// UDP flows.
-    Udp,
-}
-
-/// A validated listener.
-#[derive(Debug, Clone)]
-pub struct Listener {
-    /// Unique name.
-    pub name: String,
-    /// Address to listen on.
-    pub bind: SocketAddr,
-    /// TCP (UDP arrives with its own issue).
-    pub protocol: ListenerProtocol,
-    /// The pool that receives this listener's connections.
-    pub pool: String,
-    /// Header sent to backends.
-    pub proxy_protocol: ProxyProtocol,
-    /// Source address rules.
-    pub access: AccessList,
-    /// Concurrent connections at most, across workers.
-    pub max_connections: usize,
-    /// Per-attempt connect limit.
-    pub connect_timeout: Duration,
-    /// Close after this long without traffic.
-    pub idle_timeout: Duration,
-    /// Other backends to try when a connect fails.
-    pub retries: u32,
-    /// Splice or copy.
-    pub relay: RelayMode,
-    /// UDP: flows at most, across workers.
-    pub max_flows: usize,
-}
-
-/// A validated pool.
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    /// Unique name.
-    pub name: String,
-    /// Selection algorithm.
-    pub algorithm: Algorithm,
-    /// Active checks (of up backends only with `health:`; down and ejected ones always).
-    pub health: HealthSettings,
-    /// Passive detection (outlier ejection) on the data path.
-    pub passive: OutlierSettings,
-    /// Backends in file order.
-    pub backends: Vec<BackendSpec>,
-}
-
-/// One problem found in the config, with where it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Where: `listeners[1].bind`, or empty for the whole file.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-/// Every problem found, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
+use super::model::*;
+use super::raw::*;
 
 /// Parses and validates a config file's text.
 pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
@@ -274,7 +46,13 @@ impl Validator {
         });
     }
 
-    fn duration(&mut self, path: &str, raw: Option<&RawDuration>) -> Option<Duration> {
+    /// A duration within `range`; `None` (after recording the error) when it is not one.
+    fn duration(
+        &mut self,
+        path: &str,
+        raw: Option<&RawDuration>,
+        range: RangeInclusive<Duration>,
+    ) -> Option<Duration> {
         let raw = raw?;
         let parsed = match raw {
             RawDuration::Text(text) => humantime::parse_duration(text.trim())
@@ -283,9 +61,29 @@ impl Validator {
                 "duration {n} has no unit (write e.g. {n}s or {n}ms)"
             )),
         };
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        // Errors quote the value as written.
+        let written = match raw {
+            RawDuration::Text(text) => text.trim().to_string(),
+            RawDuration::Number(n) => n.to_string(),
+        };
         match parsed {
             Ok(d) if d.is_zero() => {
                 self.error(path, "must be greater than zero");
+                None
+            }
+            Ok(d) if d < *range.start() => {
+                self.error(
+                    path,
+                    format!("{written} is below the minimum {}", show(*range.start())),
+                );
+                None
+            }
+            Ok(d) if d > *range.end() => {
+                self.error(
+                    path,
+                    format!("{written} is above the maximum {}", show(*range.end())),
+                );
                 None
             }
             Ok(d) => Some(d),
@@ -296,15 +94,29 @@ impl Validator {
         }
     }
 
-    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
-        let workers = match raw.workers {
-            Some(0) => {
-                self.error("workers", "must be at least 1");
-                1
+    /// A number within `range`, `default` when absent; out of range is an error naming
+    /// the range (and `default` stands in so validation can go on).
+    fn number<T>(&mut self, path: &str, value: Option<T>, range: RangeInclusive<T>, default: T) -> T
+    where
+        T: PartialOrd + Copy + std::fmt::Display,
+    {
+        match value {
+            Some(v) if range.contains(&v) => v,
+            Some(v) => {
+                self.error(
+                    path,
+                    format!("{v} is outside {}..={}", range.start(), range.end()),
+                );
+                default
             }
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
+            None => default,
+        }
+    }
+
+    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = self.number("workers", raw.workers, WORKERS, cpus.min(*WORKERS.end()));
+        let max_pipes = self.number("max_pipes", raw.max_pipes, MAX_PIPES, DEFAULT_MAX_PIPES);
         if let Some(admin) = &raw.admin {
             self.error(
                 "admin",
@@ -312,16 +124,24 @@ impl Validator {
             );
         }
         let drain_timeout = self
-            .duration("drain_timeout", raw.drain_timeout.as_ref())
+            .duration("drain_timeout", raw.drain_timeout.as_ref(), DRAIN_TIMEOUT)
             .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
         let d = &raw.defaults;
         let default_connect = self
-            .duration("defaults.connect_timeout", d.connect_timeout.as_ref())
+            .duration(
+                "defaults.connect_timeout",
+                d.connect_timeout.as_ref(),
+                CONNECT_TIMEOUT,
+            )
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let default_idle = self
-            .duration("defaults.idle_timeout", d.idle_timeout.as_ref())
+            .duration(
+                "defaults.idle_timeout",
+                d.idle_timeout.as_ref(),
+                IDLE_TIMEOUT,
+            )
             .unwrap_or(DEFAULT_IDLE_TIMEOUT);
-        let default_retries = d.retries.unwrap_or(DEFAULT_RETRIES);
+        let default_retries = self.number("defaults.retries", d.retries, RETRIES, DEFAULT_RETRIES);
         let default_relay = self
             .relay_mode("defaults.relay", d.relay.as_deref())
             .unwrap_or_default();
@@ -437,14 +257,12 @@ impl Validator {
                     "max_flows applies to udp listeners only",
                 );
             }
-            let max_flows = match l.max_flows {
-                Some(0) => {
-                    self.error(format!("{path}.max_flows"), "must be at least 1");
-                    1
-                }
-                Some(n) => n,
-                None => DEFAULT_MAX_FLOWS,
-            };
+            let max_flows = self.number(
+                &format!("{path}.max_flows"),
+                l.max_flows,
+                MAX_FLOWS,
+                DEFAULT_MAX_FLOWS,
+            );
             let pool = match &l.pool {
                 Some(pool) if pool_names.contains(pool.as_str()) => Some(pool.clone()),
                 Some(pool) => {
@@ -470,24 +288,33 @@ impl Validator {
             };
             let allow = self.networks(&format!("{path}.allow"), &l.allow);
             let deny = self.networks(&format!("{path}.deny"), &l.deny);
-            let max_connections = match l.max_connections {
-                Some(0) => {
-                    self.error(format!("{path}.max_connections"), "must be at least 1");
-                    1
-                }
-                Some(n) => n,
-                None => DEFAULT_MAX_CONNECTIONS,
-            };
+            let max_connections = self.number(
+                &format!("{path}.max_connections"),
+                l.max_connections,
+                MAX_CONNECTIONS,
+                DEFAULT_MAX_CONNECTIONS,
+            );
+            let retries = self.number(
+                &format!("{path}.retries"),
+                l.retries,
+                RETRIES,
+                default_retries,
+            );
             let connect_timeout = self
                 .duration(
                     &format!("{path}.connect_timeout"),
                     l.connect_timeout.as_ref(),
+                    CONNECT_TIMEOUT,
                 )
                 .unwrap_or(default_connect);
             // UDP flows are short-lived by nature: defaults.idle_timeout (sized for TCP
             // sessions) does not apply to them.
             let idle_timeout = self
-                .duration(&format!("{path}.idle_timeout"), l.idle_timeout.as_ref())
+                .duration(
+                    &format!("{path}.idle_timeout"),
+                    l.idle_timeout.as_ref(),
+                    IDLE_TIMEOUT,
+                )
                 .unwrap_or(if is_udp {
                     DEFAULT_UDP_IDLE_TIMEOUT
                 } else {
@@ -509,7 +336,7 @@ impl Validator {
                     max_connections,
                     connect_timeout,
                     idle_timeout,
-                    retries: l.retries.unwrap_or(default_retries),
+                    retries,
                     relay,
                     max_flows,
                 });
@@ -520,6 +347,7 @@ impl Validator {
             Ok(Config {
                 workers,
                 drain_timeout,
+                max_pipes,
                 listeners,
                 pools,
             })
@@ -566,25 +394,35 @@ impl Validator {
         let Some(h) = raw else {
             return defaults;
         };
-        let mut count = |name: &str, value: Option<u32>, default: u32| match value {
-            Some(0) => {
-                self.error(format!("{path}.health.{name}"), "must be at least 1");
-                default
-            }
-            Some(n) => n,
-            None => default,
-        };
-        let rise = count("rise", h.rise, defaults.rise);
-        let fall = count("fall", h.fall, defaults.fall);
+        let rise = self.number(
+            &format!("{path}.health.rise"),
+            h.rise,
+            RISE_FALL,
+            defaults.rise,
+        );
+        let fall = self.number(
+            &format!("{path}.health.fall"),
+            h.fall,
+            RISE_FALL,
+            defaults.fall,
+        );
         if h.port == Some(0) {
             self.error(format!("{path}.health.port"), "must be 1..=65535");
         }
         HealthSettings {
             interval: self
-                .duration(&format!("{path}.health.interval"), h.interval.as_ref())
+                .duration(
+                    &format!("{path}.health.interval"),
+                    h.interval.as_ref(),
+                    HEALTH_INTERVAL,
+                )
                 .unwrap_or(defaults.interval),
             timeout: self
-                .duration(&format!("{path}.health.timeout"), h.timeout.as_ref())
+                .duration(
+                    &format!("{path}.health.timeout"),
+                    h.timeout.as_ref(),
+                    HEALTH_TIMEOUT,
+                )
                 .unwrap_or(defaults.timeout),
             rise,
             fall,
@@ -594,55 +432,83 @@ impl Validator {
         }
     }
 
+    /// The pool's local source addresses: specific unicast addresses, and one of each
+    /// family its backends use.
+    fn sources(&mut self, path: &str, p: &RawPool) -> Vec<std::net::IpAddr> {
+        let mut out = Vec::new();
+        if p.source.len() > MAX_SOURCES {
+            self.error(
+                format!("{path}.source"),
+                format!(
+                    "{} addresses is above the maximum {MAX_SOURCES}",
+                    p.source.len()
+                ),
+            );
+        }
+        for (i, text) in p.source.iter().enumerate() {
+            match text.parse::<std::net::IpAddr>() {
+                Ok(ip) if ip.is_unspecified() || ip.is_multicast() => self.error(
+                    format!("{path}.source[{i}]"),
+                    format!("{ip} is not a local unicast address"),
+                ),
+                Ok(ip) if out.contains(&ip) => self.error(
+                    format!("{path}.source[{i}]"),
+                    format!("{ip} is listed twice"),
+                ),
+                Ok(ip) => out.push(ip),
+                Err(_) => self.error(
+                    format!("{path}.source[{i}]"),
+                    format!("invalid address {text:?} (write an IP address)"),
+                ),
+            }
+        }
+        if !out.is_empty() {
+            for (j, b) in p.backends.iter().enumerate() {
+                if let Ok(addr) = b.address.parse::<SocketAddr>() {
+                    if !out.iter().any(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+                        let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+                        self.error(
+                            format!("{path}.backends[{j}].address"),
+                            format!("{addr} is {family} but the pool has no {family} source"),
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn passive(&mut self, path: &str, raw: Option<&RawPassive>) -> OutlierSettings {
         let defaults = OutlierSettings::default();
         let Some(p) = raw else {
             return defaults;
         };
-        let failures = match p.failures {
-            Some(n @ 1..=MAX_PASSIVE_FAILURES) => n,
-            Some(n) => {
-                self.error(
-                    format!("{path}.passive.failures"),
-                    format!("{n} is outside 1..={MAX_PASSIVE_FAILURES}"),
-                );
-                defaults.failures
-            }
-            None => defaults.failures,
-        };
-        let max_ejection_percent = match p.max_ejection_percent {
-            Some(n) if n <= 100 => n as u8,
-            Some(n) => {
-                self.error(
-                    format!("{path}.passive.max_ejection_percent"),
-                    format!("{n} is outside 0..=100"),
-                );
-                defaults.max_ejection_percent
-            }
-            None => defaults.max_ejection_percent,
-        };
+        let failures = self.number(
+            &format!("{path}.passive.failures"),
+            p.failures,
+            PASSIVE_FAILURES,
+            defaults.failures,
+        );
+        let max_ejection_percent = self.number(
+            &format!("{path}.passive.max_ejection_percent"),
+            p.max_ejection_percent,
+            0..=100,
+            u32::from(defaults.max_ejection_percent),
+        ) as u8;
         let ejection_time = self
             .duration(
                 &format!("{path}.passive.ejection_time"),
                 p.ejection_time.as_ref(),
+                EJECTION_TIME,
             )
             .unwrap_or(defaults.ejection_time);
         let max_ejection_time = self
             .duration(
                 &format!("{path}.passive.max_ejection_time"),
                 p.max_ejection_time.as_ref(),
+                EJECTION_TIME,
             )
             .unwrap_or(defaults.max_ejection_time.max(ejection_time));
-        if max_ejection_time > MAX_EJECTION_TIME {
-            self.error(
-                format!("{path}.passive.max_ejection_time"),
-                format!(
-                    "{} is above the maximum {}",
-                    humantime::format_duration(max_ejection_time),
-                    humantime::format_duration(MAX_EJECTION_TIME)
-                ),
-            );
-        }
         if ejection_time > max_ejection_time {
             self.error(
                 format!("{path}.passive.ejection_time"),
@@ -717,7 +583,16 @@ impl Validator {
             "source_hash" => Some(Algorithm::SourceHash(hash.unwrap_or(HashKey::SrcIp))),
             "maglev" => {
                 let table_size = p.table_size.unwrap_or(DEFAULT_TABLE_SIZE);
-                if !is_prime(table_size) {
+                if !TABLE_SIZE.contains(&table_size) {
+                    self.error(
+                        format!("{path}.table_size"),
+                        format!(
+                            "{table_size} is outside {}..={} (a prime: 65537 or 655373 are good)",
+                            TABLE_SIZE.start(),
+                            TABLE_SIZE.end()
+                        ),
+                    );
+                } else if !is_prime(table_size) {
                     self.error(
                         format!("{path}.table_size"),
                         format!("{table_size} is not prime (try 65537 or 655373)"),
@@ -769,7 +644,16 @@ impl Validator {
                     format!("{path}.backends"),
                     "a pool needs at least one backend",
                 );
+            } else if p.backends.len() > MAX_BACKENDS {
+                self.error(
+                    format!("{path}.backends"),
+                    format!(
+                        "{} backends is above the maximum {MAX_BACKENDS} per pool",
+                        p.backends.len()
+                    ),
+                );
             }
+            let source = self.sources(&path, p);
             let mut seen = HashSet::new();
             let mut backends = Vec::new();
             for (j, b) in p.backends.iter().enumerate() {
@@ -817,6 +701,7 @@ impl Validator {
                     health,
                     passive,
                     backends,
+                    source,
                 });
             }
         }

@@ -1,0 +1,180 @@
+//! The validated configuration the runtime is built from, its defaults and its limits.
+//! Everything here has passed `validate`: every value is in its documented range.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use l4_balance::{Algorithm, BackendSpec, OutlierSettings};
+use l4_core::admission::AccessList;
+use l4_core::proxy_protocol::ProxyProtocol;
+use l4_core::relay::RelayMode;
+use l4_health::HealthSettings;
+
+/// Defaults applied where neither a listener nor `defaults:` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_RETRIES: u32 = 2;
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// See [`DEFAULT_CONNECT_TIMEOUT`].
+pub const DEFAULT_MAX_FLOWS: usize = 100_000;
+/// See [`DEFAULT_CONNECT_TIMEOUT`]: splice pipes per process (pooled or in use).
+pub const DEFAULT_MAX_PIPES: usize = 1024;
+
+// Ranges: every value has one, so nothing that passes `--check` can make l4lb allocate
+// without bound, overflow a deadline, spin, or hang at start. README lists them.
+
+/// Worker threads.
+pub const WORKERS: RangeInclusive<usize> = 1..=256;
+/// Splice pipes per process.
+pub const MAX_PIPES: RangeInclusive<usize> = 0..=1_000_000;
+/// Concurrent TCP connections per listener.
+pub const MAX_CONNECTIONS: RangeInclusive<usize> = 1..=10_000_000;
+/// UDP flows per listener (each costs a socket and about 1.3 KiB).
+pub const MAX_FLOWS: RangeInclusive<usize> = 1..=4_000_000;
+/// Other backends tried after a failed connect.
+pub const RETRIES: RangeInclusive<u32> = 0..=16;
+/// Backends per pool.
+pub const MAX_BACKENDS: usize = 10_000;
+/// Maglev lookup table sizes (prime, and at least 10 slots per backend).
+pub const TABLE_SIZE: RangeInclusive<u32> = 2..=1_000_003;
+/// Health `rise` and `fall`.
+pub const RISE_FALL: RangeInclusive<u32> = 1..=100;
+/// Local source addresses per pool.
+pub const MAX_SOURCES: usize = 64;
+/// `connect_timeout`.
+pub const CONNECT_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(300);
+/// `idle_timeout`.
+pub const IDLE_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(7 * 24 * 3600);
+/// `drain_timeout`.
+pub const DRAIN_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(24 * 3600);
+/// Health `interval`: probes no more often than every 10ms.
+pub const HEALTH_INTERVAL: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3600);
+/// Health `timeout`.
+pub const HEALTH_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(60);
+/// Passive `ejection_time` and `max_ejection_time`.
+pub const EJECTION_TIME: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(3600);
+/// Passive `failures`.
+pub const PASSIVE_FAILURES: RangeInclusive<u32> = 1..=1000;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Worker threads, each with its own listening sockets.
+    pub workers: usize,
+    /// How long live connections may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Splice pipes per process (split over the workers); 0 never splices.
+    pub max_pipes: usize,
+    /// Listeners, in file order.
+    pub listeners: Vec<Listener>,
+    /// Pools, in file order.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// TCP connections.
+    Tcp,
+    /// UDP flows.
+    Udp,
+}
+
+/// A validated listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Unique name.
+    pub name: String,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// TCP (UDP arrives with its own issue).
+    pub protocol: ListenerProtocol,
+    /// The pool that receives this listener's connections.
+    pub pool: String,
+    /// Header sent to backends.
+    pub proxy_protocol: ProxyProtocol,
+    /// Source address rules.
+    pub access: AccessList,
+    /// Concurrent connections at most, across workers.
+    pub max_connections: usize,
+    /// Per-attempt connect limit.
+    pub connect_timeout: Duration,
+    /// Close after this long without traffic.
+    pub idle_timeout: Duration,
+    /// Other backends to try when a connect fails.
+    pub retries: u32,
+    /// Splice or copy.
+    pub relay: RelayMode,
+    /// UDP: flows at most, across workers.
+    pub max_flows: usize,
+}
+
+/// A validated pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Unique name.
+    pub name: String,
+    /// Selection algorithm.
+    pub algorithm: Algorithm,
+    /// Active checks (of up backends only with `health:`; down and ejected ones always).
+    pub health: HealthSettings,
+    /// Passive detection (outlier ejection) on the data path.
+    pub passive: OutlierSettings,
+    /// Local addresses connections and flows to the backends leave from (empty: chosen by
+    /// the route). Each adds a full range of local ports.
+    pub source: Vec<IpAddr>,
+    /// Backends in file order.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// One problem found in the config, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where: `listeners[1].bind`, or empty for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
