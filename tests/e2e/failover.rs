@@ -105,7 +105,7 @@ async fn hashing_moves_only_the_lost_clients(algorithm: &str) {
     let lb = Balancer::start(&pool_config(
         &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
         &format!(
-            "algorithm: {algorithm}\nhash: src_ip\nhealth: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }}\npassive: {{ ejection_time: 100ms }}"
+            "algorithm: {algorithm}\nhash: src_ip\nhealth: {{ interval: 100ms, timeout: 1s, rise: 1, fall: 3 }}\npassive: {{ ejection_time: 100ms }}"
         ),
     ));
     let before = placements(lb.addr(), CLIENTS).await;
@@ -179,8 +179,8 @@ async fn outage_of_every_backend(count: usize) {
     assert!(failed > 0, "the outage was seen");
     let ejected = lb.logs_matching(|l| field(l, "to").as_deref() == Some("ejected"));
     assert!(
-        ejected.len() <= count.div_ceil(2),
-        "at most half ejected: {ejected:?}"
+        ejected.len() <= 1,
+        "the cap (50%, at least one) holds: {ejected:?}"
     );
     for k in &mut backends {
         k.restart().await;

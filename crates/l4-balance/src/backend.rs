@@ -1,5 +1,5 @@
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,9 @@ pub struct BackendState {
     ejections: AtomicU32,
     /// When it last came back up (ms on [`crate::clock`]); 0 if it never went down.
     returned_at_ms: AtomicU64,
+    /// Set when a failure streak found the pool's ejection cap reached and said so;
+    /// cleared by the next success, so it is said once per streak.
+    cap_warned: AtomicBool,
 }
 
 impl BackendState {
@@ -99,6 +102,7 @@ impl BackendState {
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             returned_at_ms: AtomicU64::new(0),
+            cap_warned: AtomicBool::new(false),
         }
     }
 
@@ -107,9 +111,9 @@ impl BackendState {
         self.addr
     }
 
-    /// Current health.
+    /// Current health. (Acquire: an `Ejected` seen here comes with its deadline.)
     pub fn health(&self) -> Health {
-        Health::from_u8(self.health.load(Ordering::Relaxed))
+        Health::from_u8(self.health.load(Ordering::Acquire))
     }
 
     /// Sets health and returns the previous value.
@@ -122,7 +126,7 @@ impl BackendState {
     /// `draining` or `disabled`.
     pub fn transition(&self, from: Health, to: Health) -> bool {
         self.health
-            .compare_exchange(from as u8, to as u8, Ordering::Relaxed, Ordering::Relaxed)
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 
@@ -195,7 +199,14 @@ impl BackendState {
     pub(crate) fn record_connect_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.cap_warned.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Whether this failure streak still has to say that the ejection cap kept the
+    /// backend in (true once per streak).
+    pub(crate) fn first_cap_warning(&self) -> bool {
+        !self.cap_warned.swap(true, Ordering::Relaxed)
     }
 
     /// Failed connects since the last successful one.
@@ -208,7 +219,7 @@ impl BackendState {
     /// row" when the backend had come back less than `max_ejection_time` ago. Returns how
     /// long it is out, or `None` if it was not up (someone else changed it first).
     pub(crate) fn eject(&self, now: Instant, settings: &OutlierSettings) -> Option<Duration> {
-        if !self.transition(Health::Up, Health::Ejected) {
+        if self.health() != Health::Up {
             return None;
         }
         let now_ms = millis(now);
@@ -220,13 +231,18 @@ impl BackendState {
         } else {
             1
         };
-        self.ejections.store(multiplier, Ordering::Relaxed);
         let out = settings
             .ejection_time
             .saturating_mul(multiplier)
             .min(settings.max_ejection_time);
+        // The deadline first, then the state (release): whoever sees `Ejected` sees its
+        // deadline, so no probe runs before the ejection time is served.
         self.ejected_until_ms
             .store(now_ms.saturating_add(duration_ms(out)), Ordering::Relaxed);
+        if !self.transition(Health::Up, Health::Ejected) {
+            return None;
+        }
+        self.ejections.store(multiplier, Ordering::Relaxed);
         Some(out)
     }
 

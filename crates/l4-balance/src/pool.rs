@@ -91,7 +91,10 @@ impl Pool {
         let settings = *snapshot.outlier();
         // Only an up backend is ejected: connects that were in flight when it went down
         // must not eject it again, and the operator's states are never overridden.
-        if streak < settings.failures || state.health() != Health::Up {
+        if streak < settings.failures
+            || settings.max_ejection_percent == 0
+            || state.health() != Health::Up
+        {
             return false;
         }
         if self
@@ -117,7 +120,7 @@ impl Pool {
                 true
             }
             Err(capped) => {
-                if capped && streak == settings.failures {
+                if capped && state.first_cap_warning() {
                     tracing::warn!(
                         pool = self.name(),
                         backend = %state.addr(),
@@ -134,15 +137,17 @@ impl Pool {
     /// Logs a health change of `backend` (one event with both states and the reason),
     /// then, once, that the pool just lost its last usable backend or got one back.
     pub fn announce(&self, backend: SocketAddr, from: Health, to: Health, reason: &dyn Display) {
-        let (from, to_name) = (from.as_str(), to.as_str());
+        let (from_name, to_name) = (from.as_str(), to.as_str());
         if to == Health::Up {
-            tracing::info!(pool = self.name(), backend = %backend, from, to = to_name, reason = %reason, "backend state changed");
+            tracing::info!(pool = self.name(), backend = %backend, from = from_name, to = to_name, reason = %reason, "backend state changed");
         } else {
-            tracing::warn!(pool = self.name(), backend = %backend, from, to = to_name, reason = %reason, "backend state changed");
+            tracing::warn!(pool = self.name(), backend = %backend, from = from_name, to = to_name, reason = %reason, "backend state changed");
         }
         let snapshot = self.snapshot.load();
         let usable = snapshot.backends().filter(|b| b.state.is_usable()).count();
-        if to != Health::Up && usable == 0 {
+        // Said when the pool loses its last usable backend, not again when an unusable
+        // one changes kind (ejected -> down).
+        if from == Health::Up && to != Health::Up && usable == 0 {
             let ejected = snapshot
                 .backends()
                 .any(|b| b.state.health() == Health::Ejected);

@@ -292,13 +292,13 @@ impl Worker {
         let usable = self
             .table
             .get_mut(&client, now)
-            // Draining keeps live flows (only new ones avoid the backend); down, ejected or
-            // disabled moves them.
-            .map(|flow| {
-                !matches!(
-                    flow.backend.state().health(),
-                    Health::Down | Health::Ejected | Health::Disabled
-                )
+            // Draining keeps live flows (only new ones avoid the backend); down or disabled
+            // moves them, and so does ejected, unless nothing else is usable (fail open:
+            // moving would pick an ejected backend again, on every datagram).
+            .map(|flow| match flow.backend.state().health() {
+                Health::Up | Health::Draining => true,
+                Health::Down | Health::Disabled => false,
+                Health::Ejected => !self.service.pool.snapshot().has_usable(),
             });
         match usable {
             Some(true) => {}

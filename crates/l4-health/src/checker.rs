@@ -109,9 +109,11 @@ impl Checker {
         if let (Health::Ejected, Err(e)) = (before, &result) {
             // An ejected backend that fails a probe after its ejection time is proven
             // dead: down, where it no longer counts against the ejection cap.
-            if let Some(from) = state.mark_down() {
+            // Only from ejected: a fail-open connect may have brought it up meanwhile.
+            if state.transition(Health::Ejected, Health::Down) {
                 let why = format!("{e} after its ejection time");
-                self.pool.announce(state.addr(), from, Health::Down, &why);
+                self.pool
+                    .announce(state.addr(), Health::Ejected, Health::Down, &why);
             }
             return;
         }

@@ -8,22 +8,21 @@
 //! Scores are compared by cross-multiplying integers, so no division and no float. The
 //! scan is O(backends), as in nginx; README gives its cost and points large pools to `p2c`.
 
-use super::{smooth_weighted_schedule, weighted_choice, weights};
-use crate::backend::Backend;
+use std::cmp::Ordering;
 
-/// Draws of a start before falling back to a weighted scan for one.
-const TRIES: usize = 8;
+use super::{weighted_choice, WeightedSlots};
+use crate::backend::Backend;
 
 #[derive(Debug)]
 pub(crate) struct LeastConn {
     /// Weight-proportional slots to draw the start from.
-    slots: Vec<u32>,
+    slots: WeightedSlots,
 }
 
 impl LeastConn {
     pub(crate) fn new(backends: &[Backend]) -> Self {
         LeastConn {
-            slots: smooth_weighted_schedule(&weights(backends)),
+            slots: WeightedSlots::new(backends),
         }
     }
 
@@ -34,30 +33,39 @@ impl LeastConn {
         backends: &[Backend],
         eligible: F,
     ) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let drawn = (0..TRIES).find_map(|_| {
-            let i = self.slots[fastrand::usize(..self.slots.len())] as usize;
-            backends.get(i).is_some_and(&eligible).then_some(i)
-        });
-        let start = match drawn {
+        let start = match self.slots.draw(backends, &eligible, usize::MAX) {
             Some(i) => i,
-            None => weighted_choice(backends, &eligible, fastrand::u64(..))?,
+            None => weighted_choice(backends, 0..backends.len(), &eligible, fastrand::u64(..))?,
         };
         let mut best = start;
         let (mut best_load, mut best_weight) = load_and_weight(&backends[start]);
+        // Weight of the backends tied with `best` once it is no longer the start; ties
+        // with the start keep the start (drawn by weight already), so idle pools pay no
+        // random draw per backend.
+        let mut tied_weight = 0u64;
         for i in (start + 1..backends.len()).chain(0..start) {
             let b = &backends[i];
             if !eligible(b) {
                 continue;
             }
             let (load, weight) = load_and_weight(b);
-            // load / weight < best_load / best_weight; active counts stay far below 2^55.
-            if load.saturating_mul(best_weight) < best_load.saturating_mul(weight) {
-                best = i;
-                best_load = load;
-                best_weight = weight;
+            // load / weight against best_load / best_weight; active counts stay far
+            // below 2^55.
+            match load
+                .saturating_mul(best_weight)
+                .cmp(&best_load.saturating_mul(weight))
+            {
+                Ordering::Less => {
+                    (best, best_load, best_weight, tied_weight) = (i, load, weight, weight);
+                }
+                Ordering::Equal if best != start => {
+                    // Among several least-loaded backends, each by weight (reservoir).
+                    tied_weight += weight;
+                    if fastrand::u64(..tied_weight) < weight {
+                        (best, best_load, best_weight) = (i, load, weight);
+                    }
+                }
+                Ordering::Equal | Ordering::Greater => {}
             }
         }
         Some(best)

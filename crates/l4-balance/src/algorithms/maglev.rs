@@ -123,6 +123,8 @@ pub fn build_table(backends: &[(SocketAddr, u32)], size: u32) -> Vec<u32> {
 #[derive(Debug)]
 pub(crate) struct Maglev {
     table: Vec<u32>,
+    /// Backend indices sorted by address: the fallback's walk, identical in every instance.
+    by_address: Vec<u32>,
     key: HashKey,
 }
 
@@ -132,8 +134,11 @@ impl Maglev {
             .iter()
             .map(|b| (b.spec.addr, b.spec.weight))
             .collect();
+        let mut by_address: Vec<u32> = (0..backends.len() as u32).collect();
+        by_address.sort_by_key(|&i| backends[i as usize].spec.addr);
         Maglev {
             table: build_table(&specs, table_size),
+            by_address,
             key,
         }
     }
@@ -145,7 +150,13 @@ impl Maglev {
         flow: &FlowKey,
         eligible: F,
     ) -> Option<usize> {
-        pick_by_hash(&self.table, flow.hash(self.key), backends, eligible)
+        pick_by_hash(
+            &self.table,
+            &self.by_address,
+            flow.hash(self.key),
+            backends,
+            eligible,
+        )
     }
 }
 

@@ -152,19 +152,71 @@ pub(crate) fn weights(backends: &[Backend]) -> Vec<u64> {
     backends.iter().map(|b| u64::from(b.spec.weight)).collect()
 }
 
+/// Backend indices in config order.
+pub(crate) fn config_order(backends: &[Backend]) -> Vec<u32> {
+    (0..backends.len() as u32).collect()
+}
+
+/// A weight-proportional table of slots to draw backends from at random (p2c's two
+/// candidates, least_conn's start).
+#[derive(Debug)]
+pub(crate) struct WeightedSlots {
+    slots: Vec<u32>,
+}
+
+/// Draws before giving up on randomness (the caller then falls back to a weighted scan).
+const DRAWS: usize = 8;
+
+impl WeightedSlots {
+    pub(crate) fn new(backends: &[Backend]) -> Self {
+        WeightedSlots {
+            slots: smooth_weighted_schedule(&weights(backends)),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// A backend drawn in proportion to weight among the eligible ones other than `not`
+    /// (a draw that lands on another is redrawn), or `None` after a few misses.
+    #[inline]
+    pub(crate) fn draw<F: Fn(&Backend) -> bool>(
+        &self,
+        backends: &[Backend],
+        eligible: &F,
+        not: usize,
+    ) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        (0..DRAWS).find_map(|_| {
+            let i = self.slots[fastrand::usize(..self.slots.len())] as usize;
+            (i != not && backends.get(i).is_some_and(eligible)).then_some(i)
+        })
+    }
+}
+
 /// Weight-proportional choice among the backends for which `eligible` holds,
-/// deterministic in `r` (a hash for the hashing algorithms, a random number otherwise).
-/// Every algorithm falls back to it when its fast path finds nobody eligible, so that
-/// even then a lost backend's share is spread by weight, never handed to a neighbour.
-/// O(backends); reached only when most of a tier's weight is unusable.
+/// deterministic in `r` (a hash for the hashing algorithms, a random number otherwise),
+/// walking the backends in `order`. Every algorithm falls back to it when its fast path
+/// finds nobody eligible, so that even then a lost backend's share is spread by weight,
+/// never handed to a neighbour. O(backends); reached only when most of a tier's weight is
+/// unusable.
 #[inline(never)]
-pub(crate) fn weighted_choice<F: Fn(&Backend) -> bool>(
+pub(crate) fn weighted_choice<F, I>(
     backends: &[Backend],
+    order: I,
     eligible: F,
     r: u64,
-) -> Option<usize> {
-    let total: u64 = backends
-        .iter()
+) -> Option<usize>
+where
+    F: Fn(&Backend) -> bool,
+    I: Iterator<Item = usize> + Clone,
+{
+    let total: u64 = order
+        .clone()
+        .filter_map(|i| backends.get(i))
         .filter(|b| eligible(b))
         .map(|b| u64::from(b.spec.weight))
         .sum();
@@ -173,7 +225,8 @@ pub(crate) fn weighted_choice<F: Fn(&Backend) -> bool>(
     }
     let mut target = r % total;
     let mut last = None;
-    for (i, b) in backends.iter().enumerate() {
+    for i in order {
+        let Some(b) = backends.get(i) else { continue };
         // Health may change between the two passes: then the last eligible one seen wins.
         if !eligible(b) {
             continue;
@@ -207,10 +260,13 @@ pub(crate) fn rehash(hash: u64, attempt: u64) -> u64 {
 /// (maglev's lookup table, source_hash's schedule). A key whose own slot is eligible stays
 /// there, so keys of usable backends never move. A key whose backend is unusable rehashes:
 /// each attempt lands on a backend in proportion to its weight, so the lost backend's keys
-/// spread over the survivors by weight, deterministically, and return when it does.
+/// spread over the survivors by weight, deterministically, and return when it does. The
+/// last resort walks the backends in `order` (maglev: by address, so that instances with
+/// the same backends in another config order still agree).
 #[inline]
 pub(crate) fn pick_by_hash<F: Fn(&Backend) -> bool>(
     slots: &[u32],
+    order: &[u32],
     hash: u64,
     backends: &[Backend],
     eligible: F,
@@ -229,7 +285,8 @@ pub(crate) fn pick_by_hash<F: Fn(&Backend) -> bool>(
             return Some(index);
         }
     }
-    weighted_choice(backends, eligible, rehash(hash, REHASHES + 1))
+    let order = order.iter().map(|&i| i as usize);
+    weighted_choice(backends, order, eligible, rehash(hash, REHASHES + 1))
 }
 
 #[cfg(test)]

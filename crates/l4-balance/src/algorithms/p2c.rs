@@ -7,17 +7,14 @@
 //! the measured time (the "P2C + EWMA" design of Finagle and Envoy), so a slow backend
 //! loses every comparison against a fast one while fast backends share evenly.
 
-use super::{smooth_weighted_schedule, weighted_choice, weights};
+use super::{weighted_choice, WeightedSlots};
 use crate::backend::Backend;
 
 #[derive(Debug)]
 pub(crate) struct PowerOfTwo {
     /// Weight-proportional slots to sample from.
-    slots: Vec<u32>,
+    slots: WeightedSlots,
 }
-
-/// Samples tried before giving up on randomness (and, for the first pick, scanning).
-const TRIES: usize = 8;
 
 /// Active connections.
 #[inline]
@@ -47,20 +44,8 @@ pub(crate) fn timed_load(b: &Backend) -> u128 {
 impl PowerOfTwo {
     pub(crate) fn new(backends: &[Backend]) -> Self {
         PowerOfTwo {
-            slots: smooth_weighted_schedule(&weights(backends)),
+            slots: WeightedSlots::new(backends),
         }
-    }
-
-    fn sample<F: Fn(&Backend) -> bool>(
-        &self,
-        backends: &[Backend],
-        eligible: &F,
-        not: usize,
-    ) -> Option<usize> {
-        (0..TRIES).find_map(|_| {
-            let i = self.slots[fastrand::usize(..self.slots.len())] as usize;
-            (i != not && backends.get(i).is_some_and(eligible)).then_some(i)
-        })
     }
 
     #[inline]
@@ -72,11 +57,11 @@ impl PowerOfTwo {
         if self.slots.is_empty() {
             return None;
         }
-        let Some(a) = self.sample(backends, &eligible, usize::MAX) else {
+        let Some(a) = self.slots.draw(backends, &eligible, usize::MAX) else {
             // Most of the weight is unusable: a weighted draw among the usable ones.
-            return weighted_choice(backends, eligible, fastrand::u64(..));
+            return weighted_choice(backends, 0..backends.len(), eligible, fastrand::u64(..));
         };
-        let Some(b) = self.sample(backends, &eligible, a) else {
+        let Some(b) = self.slots.draw(backends, &eligible, a) else {
             return Some(a);
         };
         let (ba, bb) = (&backends[a], &backends[b]);

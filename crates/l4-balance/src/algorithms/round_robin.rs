@@ -59,8 +59,15 @@ impl RoundRobin {
             });
             let Some((position, index)) = found else {
                 // Nothing usable within the walk (most of a long period is down): a
-                // weighted draw among the usable ones keeps the shares.
-                return weighted_choice(backends, eligible, fastrand::u64(..));
+                // weighted draw among the usable ones keeps the shares, and the cursor
+                // moves past the walked stretch so the next pick looks further on.
+                let _ = self.cursor.compare_exchange(
+                    cursor,
+                    (cursor + walk) % len,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                return weighted_choice(backends, 0..backends.len(), eligible, fastrand::u64(..));
             };
             let next = (position + 1) % len;
             match self.cursor.compare_exchange_weak(

@@ -4,13 +4,14 @@
 //! spread over the usable backends by weight and come back with it. Unlike maglev,
 //! adding or removing a backend remaps most clients.
 
-use super::{pick_by_hash, smooth_weighted_schedule, weights};
+use super::{config_order, pick_by_hash, smooth_weighted_schedule, weights};
 use crate::backend::Backend;
 use crate::flow_key::{FlowKey, HashKey};
 
 #[derive(Debug)]
 pub(crate) struct SourceHash {
     slots: Vec<u32>,
+    order: Vec<u32>,
     key: HashKey,
 }
 
@@ -18,6 +19,7 @@ impl SourceHash {
     pub(crate) fn new(backends: &[Backend], key: HashKey) -> Self {
         SourceHash {
             slots: smooth_weighted_schedule(&weights(backends)),
+            order: config_order(backends),
             key,
         }
     }
@@ -29,6 +31,12 @@ impl SourceHash {
         flow: &FlowKey,
         eligible: F,
     ) -> Option<usize> {
-        pick_by_hash(&self.slots, flow.hash(self.key), backends, eligible)
+        pick_by_hash(
+            &self.slots,
+            &self.order,
+            flow.hash(self.key),
+            backends,
+            eligible,
+        )
     }
 }
