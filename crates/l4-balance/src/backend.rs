@@ -86,6 +86,130 @@ pub struct BackendState {
     /// Set when a failure streak found the pool's ejection cap reached and said so;
     /// cleared by the next success, so it is said once per streak.
     cap_warned: AtomicBool,
+    /// Counters for metrics and the admin API, read at scrape time.
+    pub stats: BackendStats,
+}
+
+/// Why a connect failed, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// Refused (RST, or ICMP port unreachable for UDP).
+    Refused = 0,
+    /// No answer within the connect timeout.
+    Timeout = 1,
+    /// Host or network unreachable, reset during the handshake.
+    Unreachable = 2,
+}
+
+impl FailureReason {
+    /// Every reason, in label order.
+    pub const ALL: [FailureReason; 3] = [
+        FailureReason::Refused,
+        FailureReason::Timeout,
+        FailureReason::Unreachable,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Refused => "refused",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the connect-time histogram's buckets; +Inf is implied.
+pub const CONNECT_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
+
+/// Per-backend counters: plain atomics written by the data path (a few relaxed adds per
+/// connection, no lock, no allocation) and summed by the admin endpoint when scraped.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    failures: [AtomicU64; 3],
+    connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+    connect_sum_us: AtomicU64,
+    state_changes: AtomicU64,
+    checks_ok: AtomicU64,
+    checks_failed: AtomicU64,
+    /// Milliseconds since the Unix epoch of the last probe; 0 = never.
+    last_check_unix_ms: AtomicU64,
+    last_check_ok: AtomicBool,
+}
+
+impl BackendStats {
+    /// Counts a failed connect.
+    pub fn record_failure(&self, reason: FailureReason) {
+        self.failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed connects for `reason`.
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.failures[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Records how long a successful connect took.
+    pub fn record_connect_time(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = CONNECT_BUCKETS
+            .iter()
+            .position(|&upper| secs <= upper)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        self.connect_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.connect_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// The connect-time histogram: (sum in seconds, count, per-bucket counts, not
+    /// cumulative; the last is +Inf).
+    pub fn connect_histogram(&self) -> (f64, u64, Vec<u64>) {
+        let buckets: Vec<u64> = self
+            .connect_buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let count = buckets.iter().sum();
+        let sum = self.connect_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (sum, count, buckets)
+    }
+
+    /// Counts a health state change.
+    pub fn record_state_change(&self) {
+        self.state_changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Health state changes so far.
+    pub fn state_changes(&self) -> u64 {
+        self.state_changes.load(Ordering::Relaxed)
+    }
+
+    /// Records an active probe's result at `unix_ms`.
+    pub fn record_check(&self, ok: bool, unix_ms: u64) {
+        let counter = if ok {
+            &self.checks_ok
+        } else {
+            &self.checks_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.last_check_ok.store(ok, Ordering::Relaxed);
+        self.last_check_unix_ms.store(unix_ms, Ordering::Relaxed);
+    }
+
+    /// Probes that passed and failed.
+    pub fn checks(&self) -> (u64, u64) {
+        (
+            self.checks_ok.load(Ordering::Relaxed),
+            self.checks_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The last probe: (passed, milliseconds since the Unix epoch), if any ran.
+    pub fn last_check(&self) -> Option<(bool, u64)> {
+        let at = self.last_check_unix_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| (self.last_check_ok.load(Ordering::Relaxed), at))
+    }
 }
 
 impl BackendState {
@@ -103,6 +227,7 @@ impl BackendState {
             ejections: AtomicU32::new(0),
             returned_at_ms: AtomicU64::new(0),
             cap_warned: AtomicBool::new(false),
+            stats: BackendStats::default(),
         }
     }
 

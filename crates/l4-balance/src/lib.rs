@@ -16,7 +16,10 @@ mod pool;
 mod snapshot;
 
 pub use algorithms::{build_maglev_table, is_prime, Algorithm, TimeMetric, DEFAULT_TABLE_SIZE};
-pub use backend::{Backend, BackendHandle, BackendSpec, BackendState, Health, MAX_WEIGHT};
+pub use backend::{
+    Backend, BackendHandle, BackendSpec, BackendState, BackendStats, FailureReason, Health,
+    CONNECT_BUCKETS, MAX_WEIGHT,
+};
 pub use flow_key::{FlowKey, HashKey, Protocol};
 pub use outlier::OutlierSettings;
 pub use pool::Pool;

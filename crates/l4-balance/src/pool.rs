@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use arc_swap::{ArcSwap, Guard};
 
-use crate::backend::{BackendHandle, BackendState, Health};
+use crate::backend::{BackendHandle, BackendState, FailureReason, Health};
 use crate::flow_key::FlowKey;
 use crate::snapshot::PoolSnapshot;
 
@@ -85,7 +85,14 @@ impl Pool {
     /// l4lb's own shortage of descriptors or ports). After the pool's `failures` in a row
     /// an up backend is ejected, unless that would eject more than `max_ejection_percent`
     /// of its tier. Returns whether this report ejected it.
-    pub fn connect_failed(&self, state: &BackendState, reason: &dyn Display, now: Instant) -> bool {
+    pub fn connect_failed(
+        &self,
+        state: &BackendState,
+        kind: FailureReason,
+        reason: &dyn Display,
+        now: Instant,
+    ) -> bool {
+        state.stats.record_failure(kind);
         let streak = state.record_connect_failure();
         let snapshot = self.snapshot.load();
         let settings = *snapshot.outlier();
@@ -144,6 +151,9 @@ impl Pool {
             tracing::warn!(pool = self.name(), backend = %backend, from = from_name, to = to_name, reason = %reason, "backend state changed");
         }
         let snapshot = self.snapshot.load();
+        if let Some(b) = snapshot.backends().find(|b| b.spec.addr == backend) {
+            b.state.stats.record_state_change();
+        }
         let usable = snapshot.backends().filter(|b| b.state.is_usable()).count();
         // Said when the pool loses its last usable backend, not again when an unusable
         // one changes kind (ejected -> down).
@@ -219,17 +229,17 @@ mod tests {
         let (pool, s) = pool(4, OutlierSettings::default());
         let now = Instant::now();
         for _ in 0..10 {
-            assert!(!pool.connect_failed(&s[0], &"refused", now));
-            assert!(!pool.connect_failed(&s[0], &"refused", now));
+            assert!(!pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
+            assert!(!pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
             pool.connect_succeeded(&s[0], now);
         }
         assert_eq!(s[0].health(), Health::Up, "a success resets the streak");
-        assert!(!pool.connect_failed(&s[0], &"refused", now));
-        assert!(!pool.connect_failed(&s[0], &"refused", now));
-        assert!(pool.connect_failed(&s[0], &"refused", now));
+        assert!(!pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
+        assert!(!pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
+        assert!(pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
         assert_eq!(s[0].health(), Health::Ejected);
         assert!(
-            !pool.connect_failed(&s[0], &"refused", now),
+            !pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now),
             "ejected already: no second event"
         );
     }
@@ -240,7 +250,7 @@ mod tests {
         let now = Instant::now();
         for state in &s[..3] {
             for _ in 0..10 {
-                pool.connect_failed(state, &"refused", now);
+                pool.connect_failed(state, FailureReason::Refused, &"refused", now);
             }
         }
         let ejected = s.iter().filter(|b| b.health() == Health::Ejected).count();
@@ -252,7 +262,7 @@ mod tests {
         );
         // A probe proves one dead: it no longer counts, and the third may go.
         assert_eq!(s[0].mark_down(), Some(Health::Ejected));
-        assert!(pool.connect_failed(&s[2], &"refused", now));
+        assert!(pool.connect_failed(&s[2], FailureReason::Refused, &"refused", now));
     }
 
     #[test]
@@ -267,7 +277,7 @@ mod tests {
         let mut now = Instant::now();
         let mut outs = Vec::new();
         for _ in 0..4 {
-            assert!(pool.connect_failed(&s[0], &"refused", now));
+            assert!(pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
             let mut out = Duration::ZERO;
             while !s[0].ejection_over(now + out) {
                 out += Duration::from_millis(100);
@@ -282,7 +292,7 @@ mod tests {
         assert_eq!(secs, vec![2, 4, 5, 5], "linear growth, capped");
         // Up for longer than max_ejection_time: the next ejection starts over.
         now += Duration::from_secs(10);
-        assert!(pool.connect_failed(&s[0], &"refused", now));
+        assert!(pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
         assert!(s[0].ejection_over(now + Duration::from_secs(2)));
     }
 
@@ -297,8 +307,8 @@ mod tests {
             },
         );
         let now = Instant::now();
-        assert!(pool.connect_failed(&s[0], &"refused", now));
-        assert!(pool.connect_failed(&s[1], &"refused", now));
+        assert!(pool.connect_failed(&s[0], FailureReason::Refused, &"refused", now));
+        assert!(pool.connect_failed(&s[1], FailureReason::Refused, &"refused", now));
         let handle = pool.select(&key(), &[]).expect("fail open");
         assert_eq!(handle.state().health(), Health::Ejected);
         pool.connect_succeeded(handle.state(), now);
@@ -321,7 +331,7 @@ mod tests {
         assert!(pool.select(&key(), &[]).is_none());
         let now = Instant::now();
         for _ in 0..5 {
-            assert!(!pool.connect_failed(&s[1], &"refused", now));
+            assert!(!pool.connect_failed(&s[1], FailureReason::Refused, &"refused", now));
         }
         assert_eq!(
             s[1].health(),

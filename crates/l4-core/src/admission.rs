@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 /// Source address rules, checked deny first: a client is admitted when it matches no
 /// `deny` entry and, if `allow` is not empty, at least one `allow` entry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessList {
     /// Networks allowed; empty means everyone.
     pub allow: Vec<IpNet>,
@@ -33,7 +33,8 @@ impl AccessList {
 /// A cap on concurrent connections shared by every worker of a listener.
 #[derive(Debug)]
 pub struct ConnectionLimit {
-    max: usize,
+    /// Changed in place by a reload, so the count of live connections carries over.
+    max: AtomicUsize,
     active: AtomicUsize,
 }
 
@@ -47,7 +48,7 @@ impl ConnectionLimit {
     /// A limit of `max` concurrent connections.
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(ConnectionLimit {
-            max,
+            max: AtomicUsize::new(max),
             active: AtomicUsize::new(0),
         })
     }
@@ -56,12 +57,18 @@ impl ConnectionLimit {
     pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionSlot> {
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < self.max.load(Ordering::Relaxed)).then_some(n + 1)
             })
             .ok()
             .map(|_| ConnectionSlot {
                 limit: Arc::clone(self),
             })
+    }
+
+    /// Sets a new limit (a reload); connections over it are not closed, new ones are
+    /// refused until the count is under it.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Connections currently admitted.

@@ -22,6 +22,15 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The metric label of a failure that blames the backend.
+    pub fn reason(&self) -> l4_balance::FailureReason {
+        match self {
+            ConnectError::Refused => l4_balance::FailureReason::Refused,
+            ConnectError::Timeout(_) => l4_balance::FailureReason::Timeout,
+            ConnectError::Io(_) => l4_balance::FailureReason::Unreachable,
+        }
+    }
+
     /// Whether the failure says something about the backend (refused, timed out, host or
     /// network unreachable), as opposed to this process running short of descriptors or
     /// local ports. Only the former may count against the backend's health: otherwise a

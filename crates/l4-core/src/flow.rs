@@ -63,6 +63,12 @@ impl<V> FlowTable<V> {
         }
     }
 
+    /// New limits (a reload): a smaller cap evicts on the next new flows, not at once.
+    pub fn set_limits(&mut self, capacity: usize, idle_timeout: Duration) {
+        self.capacity = capacity.max(1);
+        self.idle_timeout = idle_timeout;
+    }
+
     /// Whether a new flow would have to evict one.
     pub fn is_full(&self) -> bool {
         self.flows.len() >= self.capacity

@@ -3,10 +3,11 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use l4_balance::{BackendHandle, FlowKey, Pool, Protocol, TimeMetric};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -48,6 +49,8 @@ pub struct TcpService {
     pub sources: Vec<IpAddr>,
     /// The next source to use.
     pub next_source: AtomicUsize,
+    /// Counters, carried across reloads.
+    pub stats: Arc<TcpStats>,
 }
 
 impl TcpService {
@@ -64,12 +67,41 @@ impl TcpService {
     }
 }
 
+/// Counters of one TCP listener, kept across reloads (the service is replaced, these are
+/// carried), summed by the admin endpoint at scrape time.
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Refused by the access list.
+    pub rejected_denied: AtomicU64,
+    /// Refused by `max_connections`.
+    pub rejected_limit: AtomicU64,
+    /// Closed because no backend could be reached.
+    pub rejected_no_backend: AtomicU64,
+    /// Bytes client -> backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes backend -> client.
+    pub bytes_out: AtomicU64,
+    /// Bytes (both ways) moved by splice.
+    pub spliced_bytes: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The service of a listener as published: a reload swaps in a new one without touching
+/// the listening socket; each connection keeps the service it was accepted with.
+pub type SharedTcpService = Arc<ArcSwap<TcpService>>;
+
 /// Accepts on `listener` until `stop` is cancelled; every connection runs as a task on
-/// `tracker`, so the caller can wait for them to drain. The listening socket is closed on
-/// return, so the kernel stops queueing new connections for this worker.
+/// `tracker`, so the caller can wait for them to drain. On stop, the connections already
+/// queued in the socket's backlog are still taken (they would be reset when it closes),
+/// then the listening socket is closed, so the kernel stops queueing new ones here.
 pub async fn serve(
     listener: TcpListener,
-    service: Arc<TcpService>,
+    service: SharedTcpService,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -86,25 +118,42 @@ pub async fn serve(
                 if inject_panic {
                     panic!("injected panic in the accept loop (L4LB_INJECT_PANIC)");
                 }
-                // Only a wildcard listener needs getsockname to learn which address the
-                // client reached; otherwise it is the listener's, and the syscall is saved.
-                let local = match local {
-                    Some(addr) if !addr.ip().is_unspecified() => Some(addr),
-                    _ => client.local_addr().ok(),
-                };
-                let Some(local) = local else { continue };
-                let span = info_span!("conn", listener = %service.name, client = %peer);
-                tracker.spawn(handle(Arc::clone(&service), client, peer, local).instrument(span));
+                start(&service.load_full(), client, peer, local, &tracker);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // Out of fds or memory: accepting again at once would spin. Back off
                 // briefly; queued clients wait in the backlog meanwhile.
-                warn!(listener = %service.name, error = %e, "accept failed, pausing accepts");
+                let name = Arc::clone(&service.load().name);
+                warn!(listener = %name, error = %e, "accept failed, pausing accepts");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => debug!(listener = %service.name, error = %e, "accept failed"),
+            Err(e) => debug!(listener = %service.load().name, error = %e, "accept failed"),
         }
     }
+    // The backlog: a zero timeout polls accept once and stops at the first "nothing".
+    while let Ok(Ok((client, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    {
+        start(&service.load_full(), client, peer, local, &tracker);
+    }
+}
+
+fn start(
+    service: &Arc<TcpService>,
+    client: TcpStream,
+    peer: SocketAddr,
+    listening: Option<SocketAddr>,
+    tracker: &TaskTracker,
+) {
+    // Only a wildcard listener needs getsockname to learn which address the client
+    // reached; otherwise it is the listener's, and the syscall is saved.
+    let local = match listening {
+        Some(addr) if !addr.ip().is_unspecified() => Some(addr),
+        _ => client.local_addr().ok(),
+    };
+    let Some(local) = local else { return };
+    bump(&service.stats.accepted, 1);
+    let span = info_span!("conn", listener = %service.name, client = %peer);
+    tracker.spawn(handle(Arc::clone(service), client, peer, local).instrument(span));
 }
 
 /// The local half of the flow key; see [`TcpService::bind`].
@@ -125,10 +174,12 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 
 async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
     if !service.access.admits(peer.ip()) {
+        bump(&service.stats.rejected_denied, 1);
         debug!("rejected by access list");
         return;
     }
     let Some(_slot) = service.limit.try_acquire() else {
+        bump(&service.stats.rejected_limit, 1);
         debug!("rejected: max_connections reached");
         return;
     };
@@ -143,10 +194,12 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
         Ok(connected) => connected,
         Err(0) => {
             // The pool has no usable backend; health logged that once for the pool.
+            bump(&service.stats.rejected_no_backend, 1);
             debug!("no usable backend, closing client");
             return;
         }
         Err(attempts) => {
+            bump(&service.stats.rejected_no_backend, 1);
             info!(attempts, "no backend reachable, closing client");
             return;
         }
@@ -167,6 +220,9 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
     } else {
         relay(client, backend, service.relay, None).await
     };
+    bump(&service.stats.bytes_in, report.client_to_backend);
+    bump(&service.stats.bytes_out, report.backend_to_client);
+    bump(&service.stats.spliced_bytes, report.spliced_bytes);
     info!(
         backend = %backend_addr,
         bytes_in = report.client_to_backend,
@@ -198,8 +254,10 @@ async fn connect_backend(
         let started = Instant::now();
         match connect(addr, service.connect_timeout, service.source_for(addr)).await {
             Ok(stream) => {
+                let took = started.elapsed();
+                handle.state().stats.record_connect_time(took);
                 if measure_connect {
-                    handle.state().record_response_time(started.elapsed());
+                    handle.state().record_response_time(took);
                 }
                 service
                     .pool
@@ -213,9 +271,12 @@ async fn connect_backend(
                     handle.state().record_response_time(service.connect_timeout);
                 }
                 if e.blames_backend() {
-                    service
-                        .pool
-                        .connect_failed(handle.state(), &e, Instant::now().into_std());
+                    service.pool.connect_failed(
+                        handle.state(),
+                        e.reason(),
+                        &e,
+                        Instant::now().into_std(),
+                    );
                 }
                 tried.push(addr);
             }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use l4_balance::{BackendHandle, BackendState, FlowKey, Health, Pool, Protocol};
+use l4_balance::{BackendHandle, BackendState, FailureReason, FlowKey, Health, Pool, Protocol};
 use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::io::Interest;
@@ -97,6 +97,9 @@ impl fmt::Display for UdpStats {
     }
 }
 
+/// The service of a UDP listener as published; see [`crate::tcp::SharedTcpService`].
+pub type SharedUdpService = Arc<arc_swap::ArcSwap<UdpService>>;
+
 /// Everything a UDP listener needs. Shared by all its workers.
 #[derive(Debug)]
 pub struct UdpService {
@@ -157,6 +160,9 @@ fn is_unreachable(e: &io::Error) -> bool {
 
 /// A worker's half of a UDP listener.
 struct Worker {
+    /// The listener's service as published (a reload swaps it).
+    shared: SharedUdpService,
+    /// The service this worker applies now; refreshed from `shared` at each batch.
     service: Arc<UdpService>,
     listener: Arc<UdpSocket>,
     table: FlowTable<Flow>,
@@ -171,9 +177,10 @@ struct Worker {
 /// Serves datagrams on `socket` until `stop`; ends every flow on return.
 pub async fn serve_udp(
     socket: std::net::UdpSocket,
-    service: Arc<UdpService>,
+    shared: SharedUdpService,
     stop: CancellationToken,
 ) {
+    let service = shared.load_full();
     let listener = match UdpSocket::from_std(socket) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -185,6 +192,7 @@ pub async fn serve_udp(
         table: FlowTable::new(service.max_flows_per_worker, service.idle_timeout),
         ports: PortBook::new(service.sources.clone()),
         reserve: None,
+        shared,
         service,
         listener,
         epoch: Instant::now(),
@@ -200,6 +208,7 @@ pub async fn serve_udp(
         tokio::select! {
             () = stop.cancelled() => break,
             _ = sweep.tick() => {
+                worker.refresh();
                 worker.expire();
                 worker.refill_reserve();
             }
@@ -257,6 +266,7 @@ impl Worker {
     /// backend in one send (GSO or `sendmmsg`), however the clients interleave in the
     /// batch. Order only matters within a flow, so grouping keeps every guarantee.
     fn forward_batch(&mut self, batch: &RecvBatch, n: usize) {
+        self.refresh();
         // The reserve comes back as soon as an evicted flow's socket has closed.
         self.refill_reserve();
         let mut taken = [false; BATCH];
@@ -332,9 +342,12 @@ impl Worker {
             Err(e) if is_unreachable(&e) => {
                 bump(&stats.dropped_unreachable, count);
                 let state = Arc::clone(flow.backend.state());
-                self.service
-                    .pool
-                    .connect_failed(&state, &"udp port unreachable", now);
+                self.service.pool.connect_failed(
+                    &state,
+                    FailureReason::Refused,
+                    &"udp port unreachable",
+                    now,
+                );
             }
             Err(_) => bump(&stats.dropped_busy, count),
         }
@@ -431,6 +444,18 @@ impl Worker {
                 .map_or(bind, |a| SocketAddr::new(a.ip(), bind.port()))
         } else {
             bind
+        }
+    }
+
+    /// Takes up a service a reload published: new flows follow it (the pool, limits,
+    /// sources); live flows keep their backend.
+    fn refresh(&mut self) {
+        let current = self.shared.load();
+        if !Arc::ptr_eq(&current, &self.service) {
+            self.service = Arc::clone(&current);
+            self.table
+                .set_limits(self.service.max_flows_per_worker, self.service.idle_timeout);
+            self.ports.set_sources(self.service.sources.clone());
         }
     }
 
@@ -531,6 +556,7 @@ async fn reply_loop(path: ReplyPath) {
                     bump(&path.stats.dropped_unreachable, 1);
                     path.pool.connect_failed(
                         &path.backend,
+                        FailureReason::Refused,
                         &"udp port unreachable",
                         Instant::now(),
                     );

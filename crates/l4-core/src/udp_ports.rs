@@ -83,6 +83,12 @@ impl PortBook {
         }
     }
 
+    /// New source addresses (a reload): fresh ports come from them; ports held stay
+    /// until their flows end.
+    pub(crate) fn set_sources(&mut self, sources: Vec<IpAddr>) {
+        self.sources = sources;
+    }
+
     /// Local ports held now.
     #[cfg(test)]
     pub(crate) fn ports_held(&self) -> usize {

@@ -106,6 +106,10 @@ impl Checker {
         result: Result<(), ProbeError>,
     ) {
         let s = self.settings;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        state.stats.record_check(result.is_ok(), unix_ms);
         if let (Health::Ejected, Err(e)) = (before, &result) {
             // An ejected backend that fails a probe after its ejection time is proven
             // dead: down, where it no longer counts against the ejection cap.
@@ -271,7 +275,12 @@ mod tests {
             .with_outlier(outlier),
         );
         let start = Instant::now();
-        assert!(pool.connect_failed(&state, &"refused", start.into_std()));
+        assert!(pool.connect_failed(
+            &state,
+            l4_balance::FailureReason::Refused,
+            &"refused",
+            start.into_std()
+        ));
         let checker = Checker::new(pool, settings);
         let first_probe = Arc::new(Mutex::new(None));
         let probe = {

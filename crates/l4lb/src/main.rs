@@ -2,8 +2,10 @@
 //! crates together and handles process life (signals, drain).
 #![forbid(unsafe_code)]
 
+mod admin;
 mod config;
 mod logging;
+mod metrics;
 mod runtime;
 
 use std::path::PathBuf;
@@ -53,13 +55,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let logging = logging::init();
-    let code = match runtime::run(config, logging.dropped()).context("l4lb failed") {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    };
+    let code =
+        match runtime::run(cli.config.clone(), config, logging.dropped()).context("l4lb failed") {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        };
     drop(logging); // flushes the queued lines
     code
 }

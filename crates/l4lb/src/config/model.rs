@@ -80,6 +80,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Splice pipes per process (split over the workers); 0 never splices.
     pub max_pipes: usize,
+    /// The admin endpoint's address, if any.
+    pub admin: Option<SocketAddr>,
+    /// The bearer token the admin endpoint requires, if any (required off loopback).
+    pub admin_token: Option<String>,
     /// Listeners, in file order.
     pub listeners: Vec<Listener>,
     /// Pools, in file order.
@@ -95,8 +99,18 @@ pub enum ListenerProtocol {
     Udp,
 }
 
+impl ListenerProtocol {
+    /// The name used in the config and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerProtocol::Tcp => "tcp",
+            ListenerProtocol::Udp => "udp",
+        }
+    }
+}
+
 /// A validated listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     /// Unique name.
     pub name: String,
@@ -125,7 +139,7 @@ pub struct Listener {
 }
 
 /// A validated pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     /// Unique name.
     pub name: String,

@@ -9,6 +9,7 @@ pub(super) struct RawConfig {
     pub(super) workers: Option<usize>,
     pub(super) max_pipes: Option<usize>,
     pub(super) admin: Option<String>,
+    pub(super) admin_token: Option<String>,
     pub(super) drain_timeout: Option<RawDuration>,
     #[serde(default)]
     pub(super) defaults: RawDefaults,

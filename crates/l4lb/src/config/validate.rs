@@ -117,11 +117,30 @@ impl Validator {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = self.number("workers", raw.workers, WORKERS, cpus.min(*WORKERS.end()));
         let max_pipes = self.number("max_pipes", raw.max_pipes, MAX_PIPES, DEFAULT_MAX_PIPES);
-        if let Some(admin) = &raw.admin {
-            self.error(
-                "admin",
-                format!("the admin endpoint ({admin}) is not available in this version yet"),
-            );
+        let admin = raw
+            .admin
+            .as_deref()
+            .and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(
+                        "admin",
+                        format!("invalid socket address {text:?} (write e.g. 127.0.0.1:9900)"),
+                    );
+                    None
+                }
+            });
+        let admin_token = raw.admin_token.clone();
+        if admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            self.error("admin_token", "must be at least 16 characters");
+        }
+        if let Some(addr) = admin {
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                self.error(
+                    "admin",
+                    format!("{addr} is not a loopback address: set admin_token, which every request must then send as `Authorization: Bearer <token>`"),
+                );
+            }
         }
         let drain_timeout = self
             .duration("drain_timeout", raw.drain_timeout.as_ref(), DRAIN_TIMEOUT)
@@ -348,6 +367,8 @@ impl Validator {
                 workers,
                 drain_timeout,
                 max_pipes,
+                admin,
+                admin_token,
                 listeners,
                 pools,
             })

@@ -1,0 +1,366 @@
+//! `/metrics`: Prometheus metrics computed at scrape time from the counters the data path
+//! already keeps (per-listener and per-backend atomics), so metrics cost the data path
+//! nothing: no lock, no allocation per connection. Label sets are bounded by the config
+//! (listener, pool, backend, and fixed reason/direction/state names).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use l4_balance::{FailureReason, Health, CONNECT_BUCKETS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::runtime::control::{Control, Service};
+
+/// The registry behind `/metrics`.
+pub(crate) fn registry(control: Arc<Mutex<Control>>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(L4lbCollector { control }));
+    registry
+}
+
+/// Renders the registry in the text exposition format.
+pub(crate) fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+struct L4lbCollector {
+    control: Arc<Mutex<Control>>,
+}
+
+impl std::fmt::Debug for L4lbCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("L4lbCollector")
+    }
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// One metric family: a descriptor and its samples, each a label set and a value.
+fn family<L: prometheus_client::encoding::EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let mut sample = metric.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => sample.encode_counter::<NoLabelSet, u64, u64>(value, None)?,
+            _ => sample.encode_gauge(&(*value as i64))?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for L4lbCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let e = &mut encoder;
+        let tcp: Vec<(String, Arc<l4_core::tcp::TcpService>)> = control
+            .listeners
+            .iter()
+            .filter_map(|(name, l)| match &l.service {
+                Service::Tcp(s) => Some((name.clone(), s.load_full())),
+                Service::Udp(_) => None,
+            })
+            .collect();
+        let udp: Vec<(String, Arc<l4_core::udp::UdpService>)> = control
+            .listeners
+            .iter()
+            .filter_map(|(name, l)| match &l.service {
+                Service::Udp(s) => Some((name.clone(), s.load_full())),
+                Service::Tcp(_) => None,
+            })
+            .collect();
+        let listener = |n: &String| vec![("listener", n.clone())];
+
+        family(
+            e,
+            "l4lb_listener_connections",
+            "TCP connections accepted.",
+            MetricType::Counter,
+            &tcp.iter()
+                .map(|(n, s)| (listener(n), get(&s.stats.accepted)))
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "l4lb_listener_connections_active",
+            "TCP connections open now.",
+            MetricType::Gauge,
+            &tcp.iter()
+                .map(|(n, s)| (listener(n), s.limit.active() as u64))
+                .collect::<Vec<_>>(),
+        )?;
+        let mut rejected = Vec::new();
+        for (n, s) in &tcp {
+            for (reason, v) in [
+                ("denied", get(&s.stats.rejected_denied)),
+                ("max_connections", get(&s.stats.rejected_limit)),
+                ("no_backend", get(&s.stats.rejected_no_backend)),
+            ] {
+                rejected.push((
+                    vec![("listener", n.clone()), ("reason", reason.to_string())],
+                    v,
+                ));
+            }
+        }
+        family(
+            e,
+            "l4lb_listener_rejected",
+            "TCP connections refused or closed without a backend, by reason.",
+            MetricType::Counter,
+            &rejected,
+        )?;
+        let mut bytes = Vec::new();
+        for (n, s) in &tcp {
+            bytes.push((
+                vec![("listener", n.clone()), ("direction", "in".to_string())],
+                get(&s.stats.bytes_in),
+            ));
+            bytes.push((
+                vec![("listener", n.clone()), ("direction", "out".to_string())],
+                get(&s.stats.bytes_out),
+            ));
+        }
+        for (n, s) in &udp {
+            bytes.push((
+                vec![("listener", n.clone()), ("direction", "in".to_string())],
+                get(&s.stats.bytes_in),
+            ));
+            bytes.push((
+                vec![("listener", n.clone()), ("direction", "out".to_string())],
+                get(&s.stats.bytes_out),
+            ));
+        }
+        family(
+            e,
+            "l4lb_bytes",
+            "Bytes relayed: in = client to backend, out = backend to client.",
+            MetricType::Counter,
+            &bytes,
+        )?;
+        family(
+            e,
+            "l4lb_spliced_bytes",
+            "Bytes (both ways) moved by splice, never through user space.",
+            MetricType::Counter,
+            &tcp.iter()
+                .map(|(n, s)| (listener(n), get(&s.stats.spliced_bytes)))
+                .collect::<Vec<_>>(),
+        )?;
+
+        // UDP.
+        family(
+            e,
+            "l4lb_udp_flows_active",
+            "UDP flows now.",
+            MetricType::Gauge,
+            &udp.iter()
+                .map(|(n, s)| (listener(n), get(&s.stats.flows_active)))
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "l4lb_udp_flows",
+            "UDP flows created.",
+            MetricType::Counter,
+            &udp.iter()
+                .map(|(n, s)| (listener(n), get(&s.stats.flows_created)))
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "l4lb_udp_flows_evicted",
+            "UDP flows evicted (max_flows, or out of descriptors).",
+            MetricType::Counter,
+            &udp.iter()
+                .map(|(n, s)| (listener(n), get(&s.stats.flows_evicted)))
+                .collect::<Vec<_>>(),
+        )?;
+        let mut datagrams = Vec::new();
+        let mut dropped = Vec::new();
+        for (n, s) in &udp {
+            datagrams.push((
+                vec![("listener", n.clone()), ("direction", "in".to_string())],
+                get(&s.stats.datagrams_in),
+            ));
+            datagrams.push((
+                vec![("listener", n.clone()), ("direction", "out".to_string())],
+                get(&s.stats.datagrams_out),
+            ));
+            for (reason, v) in [
+                ("no_backend", get(&s.stats.dropped_no_backend)),
+                ("denied", get(&s.stats.dropped_denied)),
+                ("no_socket", get(&s.stats.dropped_no_socket)),
+                ("unreachable", get(&s.stats.dropped_unreachable)),
+                ("busy", get(&s.stats.dropped_busy)),
+            ] {
+                dropped.push((
+                    vec![("listener", n.clone()), ("reason", reason.to_string())],
+                    v,
+                ));
+            }
+        }
+        family(
+            e,
+            "l4lb_udp_datagrams",
+            "UDP datagrams relayed: in = client to backend, out = backend to client.",
+            MetricType::Counter,
+            &datagrams,
+        )?;
+        family(
+            e,
+            "l4lb_udp_dropped",
+            "UDP datagrams dropped, by reason.",
+            MetricType::Counter,
+            &dropped,
+        )?;
+
+        // Backends.
+        let mut up = Vec::new();
+        let mut state = Vec::new();
+        let mut active = Vec::new();
+        let mut total = Vec::new();
+        let mut failures = Vec::new();
+        let mut changes = Vec::new();
+        let mut checks = Vec::new();
+        let mut histograms = Vec::new();
+        for (pool_name, entry) in &control.pools {
+            for b in entry.pool.snapshot().backends() {
+                let labels = vec![
+                    ("pool", pool_name.clone()),
+                    ("backend", b.spec.addr.to_string()),
+                ];
+                let health = b.state.health();
+                up.push((labels.clone(), u64::from(health == Health::Up)));
+                for s in [
+                    Health::Up,
+                    Health::Down,
+                    Health::Ejected,
+                    Health::Draining,
+                    Health::Disabled,
+                ] {
+                    let mut l = labels.clone();
+                    l.push(("state", s.as_str().to_string()));
+                    state.push((l, u64::from(health == s)));
+                }
+                active.push((labels.clone(), b.state.active()));
+                total.push((labels.clone(), b.state.total()));
+                for reason in FailureReason::ALL {
+                    let mut l = labels.clone();
+                    l.push(("reason", reason.as_str().to_string()));
+                    failures.push((l, b.state.stats.failures(reason)));
+                }
+                changes.push((labels.clone(), b.state.stats.state_changes()));
+                let (ok, failed) = b.state.stats.checks();
+                let mut l = labels.clone();
+                l.push(("result", "ok".to_string()));
+                checks.push((l, ok));
+                let mut l = labels.clone();
+                l.push(("result", "failed".to_string()));
+                checks.push((l, failed));
+                histograms.push((labels, b.state.stats.connect_histogram()));
+            }
+        }
+        family(
+            e,
+            "l4lb_backend_up",
+            "1 if the backend takes new connections.",
+            MetricType::Gauge,
+            &up,
+        )?;
+        family(
+            e,
+            "l4lb_backend_state",
+            "1 for the backend's current state.",
+            MetricType::Gauge,
+            &state,
+        )?;
+        family(
+            e,
+            "l4lb_backend_connections_active",
+            "Connections (or UDP flows) on the backend now.",
+            MetricType::Gauge,
+            &active,
+        )?;
+        family(
+            e,
+            "l4lb_backend_connections",
+            "Connections (or UDP flows) assigned to the backend.",
+            MetricType::Counter,
+            &total,
+        )?;
+        family(
+            e,
+            "l4lb_backend_connect_failures",
+            "Failed connects to the backend, by reason.",
+            MetricType::Counter,
+            &failures,
+        )?;
+        family(
+            e,
+            "l4lb_backend_state_changes",
+            "Health state changes of the backend.",
+            MetricType::Counter,
+            &changes,
+        )?;
+        family(
+            e,
+            "l4lb_health_checks",
+            "Active probes, by result.",
+            MetricType::Counter,
+            &checks,
+        )?;
+        let mut metric = e.encode_descriptor(
+            "l4lb_backend_connect_seconds",
+            "Time to establish a TCP connection to the backend.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, (sum, count, buckets)) in &histograms {
+            let bounds = CONNECT_BUCKETS
+                .iter()
+                .copied()
+                .chain(std::iter::once(f64::MAX));
+            let buckets: Vec<(f64, u64)> = bounds.zip(buckets.iter().copied()).collect();
+            metric
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(*sum, *count, &buckets, None)?;
+        }
+
+        // Reloads.
+        let reloads = &control.reloads;
+        family(
+            e,
+            "l4lb_config_reloads",
+            "Config reloads, by result.",
+            MetricType::Counter,
+            &[
+                (vec![("result", "success".to_string())], get(&reloads.ok)),
+                (
+                    vec![("result", "failure".to_string())],
+                    get(&reloads.failed),
+                ),
+            ],
+        )?;
+        family(
+            e,
+            "l4lb_config_last_reload_success_timestamp_seconds",
+            "When the config was last applied (start or reload).",
+            MetricType::Gauge,
+            &[(Vec::<(&str, String)>::new(), get(&reloads.last_ok_unix))],
+        )?;
+        Ok(())
+    }
+}

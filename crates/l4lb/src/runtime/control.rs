@@ -1,0 +1,522 @@
+//! The control thread's state and the one path that changes it: [`Control::apply`]. The
+//! start is an apply from nothing; a reload (SIGHUP, `POST /reload`, `l4lb ctl reload`) is
+//! an apply from what runs; an operator's weight change rebuilds one pool through the
+//! same snapshot builder. Nothing here touches a relaying connection: pools publish new
+//! snapshots carrying every remaining backend's state by address, listeners get a new
+//! service (the socket stays) or are replaced when their address changes, and workers
+//! are added or retired (a retired worker stops accepting and finishes its connections).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, Context, Result};
+use arc_swap::ArcSwap;
+use l4_balance::{Pool, PoolSnapshot};
+use l4_core::admission::ConnectionLimit;
+use l4_core::listener::{bind_tcp, bind_udp};
+use l4_core::relay::RelayOptions;
+use l4_core::tcp::{SharedTcpService, TcpService, TcpStats};
+use l4_core::udp::{SharedUdpService, UdpService, UdpStats};
+use l4_health::spawn_checks;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::worker::{ListenerSocket, Worker};
+use crate::config::{self, Config, ConfigErrors, Listener, ListenerProtocol, PoolConfig};
+
+/// A running pool.
+pub(crate) struct PoolEntry {
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) config: PoolConfig,
+    checks: CancellationToken,
+}
+
+/// A listener's published service.
+#[derive(Clone)]
+pub(crate) enum Service {
+    Tcp(SharedTcpService),
+    Udp(SharedUdpService),
+}
+
+/// A running listener.
+pub(crate) struct ListenerEntry {
+    pub(crate) config: Listener,
+    /// The address it is bound to (the port chosen when the config says 0).
+    pub(crate) addr: SocketAddr,
+    pub(crate) service: Service,
+    /// Its accept loop on each worker, by worker index.
+    tokens: BTreeMap<usize, CancellationToken>,
+}
+
+/// Why a reload did not happen. The old config keeps serving in every case.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReloadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    /// The file is not a valid config.
+    #[error("invalid config:\n{0}")]
+    Invalid(ConfigErrors),
+    /// Valid, but could not be applied (an address that cannot be bound).
+    #[error("{0:#}")]
+    Apply(anyhow::Error),
+}
+
+/// What a reload changed, for its one log event.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct Changes {
+    pub(crate) listeners_added: Vec<String>,
+    pub(crate) listeners_removed: Vec<String>,
+    pub(crate) listeners_rebound: Vec<String>,
+    pub(crate) listeners_changed: Vec<String>,
+    pub(crate) pools_added: Vec<String>,
+    pub(crate) pools_removed: Vec<String>,
+    pub(crate) pools_changed: Vec<String>,
+    pub(crate) workers: (usize, usize),
+}
+
+/// Reload outcomes, for metrics.
+#[derive(Debug, Default)]
+pub(crate) struct ReloadStats {
+    pub(crate) ok: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    /// Seconds since the Unix epoch of the last successful reload (or the start).
+    pub(crate) last_ok_unix: AtomicU64,
+}
+
+pub(crate) struct Control {
+    pub(crate) path: PathBuf,
+    pub(crate) config: Config,
+    pub(crate) pools: BTreeMap<String, PoolEntry>,
+    pub(crate) listeners: BTreeMap<String, ListenerEntry>,
+    workers: Vec<Worker>,
+    retired: Vec<JoinHandle<()>>,
+    next_worker: usize,
+    fatal: CancellationToken,
+    drain_timeout_ms: Arc<AtomicU64>,
+    pub(crate) reloads: Arc<ReloadStats>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Control {
+    /// Starts everything `config` describes. Must run inside the control runtime (health
+    /// checks are spawned on it).
+    pub(crate) fn start(path: PathBuf, config: Config, fatal: CancellationToken) -> Result<Self> {
+        let empty = Config {
+            workers: 0,
+            listeners: Vec::new(),
+            pools: Vec::new(),
+            ..config.clone()
+        };
+        let mut control = Control {
+            path,
+            config: empty,
+            pools: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            workers: Vec::new(),
+            retired: Vec::new(),
+            next_worker: 0,
+            fatal,
+            drain_timeout_ms: Arc::new(AtomicU64::new(0)),
+            reloads: Arc::new(ReloadStats::default()),
+        };
+        control.apply(config)?;
+        control
+            .reloads
+            .last_ok_unix
+            .store(unix_now(), Ordering::Relaxed);
+        Ok(control)
+    }
+
+    /// Reads the config file again and applies it; on any error the running config
+    /// stays as it was.
+    pub(crate) fn reload(&mut self) -> Result<Changes, ReloadError> {
+        let outcome = self.try_reload();
+        let counter = match &outcome {
+            Ok(_) => &self.reloads.ok,
+            Err(_) => &self.reloads.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match &outcome {
+            Ok(changes) => {
+                self.reloads
+                    .last_ok_unix
+                    .store(unix_now(), Ordering::Relaxed);
+                info!(changes = %serde_json::to_string(changes).unwrap_or_default(), "config reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "reload refused: the running config stays"),
+        }
+        outcome
+    }
+
+    fn try_reload(&mut self) -> Result<Changes, ReloadError> {
+        let text = std::fs::read_to_string(&self.path).map_err(|error| ReloadError::Read {
+            path: self.path.display().to_string(),
+            error,
+        })?;
+        let config = config::parse(&text).map_err(ReloadError::Invalid)?;
+        self.apply(config).map_err(ReloadError::Apply)
+    }
+
+    /// Moves from the running config to `new`. Every socket the new config needs is bound
+    /// before anything changes, so a bind failure leaves everything as it was.
+    pub(crate) fn apply(&mut self, new: Config) -> Result<Changes> {
+        let mut changes = Changes {
+            workers: (self.workers.len(), new.workers),
+            ..Changes::default()
+        };
+        // 1. Bind: new listeners (and moved ones) on every worker of the new count; old
+        //    listeners that stay, on the workers to be added.
+        let adding = new.workers.saturating_sub(self.workers.len());
+        let mut fresh: BTreeMap<String, (SocketAddr, Vec<BoundSocket>)> = BTreeMap::new();
+        let mut extra: BTreeMap<String, Vec<BoundSocket>> = BTreeMap::new();
+        for l in &new.listeners {
+            match self.listeners.get(&l.name) {
+                Some(old) if old.config.bind == l.bind && old.config.protocol == l.protocol => {
+                    if adding > 0 {
+                        extra.insert(l.name.clone(), bind(old.addr, l.protocol, adding, &l.name)?);
+                    }
+                }
+                _ => {
+                    let sockets = bind(l.bind, l.protocol, new.workers, &l.name)?;
+                    let addr = sockets
+                        .first()
+                        .map(BoundSocket::local_addr)
+                        .transpose()?
+                        .ok_or_else(|| anyhow!("listener {}: nothing bound", l.name))?;
+                    fresh.insert(l.name.clone(), (addr, sockets));
+                }
+            }
+        }
+
+        // 2. Pools: same name -> new snapshot carrying states; new -> new pool.
+        let mut pools = BTreeMap::new();
+        for p in &new.pools {
+            let entry = match self.pools.remove(&p.name) {
+                Some(old) => {
+                    if old.config != *p {
+                        changes.pools_changed.push(p.name.clone());
+                    }
+                    let snapshot = build_snapshot(p, Some(&old.pool))?;
+                    old.pool.publish(snapshot);
+                    PoolEntry {
+                        pool: old.pool,
+                        config: p.clone(),
+                        checks: old.checks,
+                    }
+                }
+                None => {
+                    changes.pools_added.push(p.name.clone());
+                    let pool = Arc::new(Pool::new(p.name.clone(), build_snapshot(p, None)?));
+                    PoolEntry {
+                        checks: CancellationToken::new(),
+                        pool,
+                        config: p.clone(),
+                    }
+                }
+            };
+            pools.insert(p.name.clone(), entry);
+        }
+        for (name, old) in std::mem::take(&mut self.pools) {
+            changes.pools_removed.push(name);
+            old.checks.cancel();
+        }
+        for entry in pools.values_mut() {
+            entry.checks.cancel();
+            entry.checks = start_checks(&entry.pool, &entry.config);
+        }
+        self.pools = pools;
+        self.drain_timeout_ms.store(
+            u64::try_from(new.drain_timeout.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+
+        // 3. Workers: add, or retire from the end.
+        while self.workers.len() < new.workers {
+            let worker = Worker::spawn(
+                self.next_worker,
+                self.fatal.clone(),
+                Arc::clone(&self.drain_timeout_ms),
+            )?;
+            self.next_worker += 1;
+            self.workers.push(worker);
+        }
+        while self.workers.len() > new.workers {
+            let Some(mut worker) = self.workers.pop() else {
+                break;
+            };
+            worker.stop.cancel();
+            for entry in self.listeners.values_mut() {
+                entry.tokens.remove(&worker.index);
+            }
+            if let Some(thread) = worker.take_thread() {
+                self.retired.push(thread);
+            }
+        }
+
+        // 4. Listeners: same address -> new service; new or moved -> serve the fresh
+        //    sockets; gone -> stop (their live connections finish).
+        let mut listeners = BTreeMap::new();
+        for l in &new.listeners {
+            let pool = &self.pools[&l.pool];
+            let old = self.listeners.remove(&l.name);
+            let rebound = fresh.contains_key(&l.name);
+            let service =
+                publish_service(&new, l, pool, old.as_ref().map(|o| &o.service), !rebound);
+            let mut entry = match (old, fresh.remove(&l.name)) {
+                (Some(old), None) => {
+                    if old.config != *l {
+                        changes.listeners_changed.push(l.name.clone());
+                    }
+                    ListenerEntry {
+                        config: l.clone(),
+                        addr: old.addr,
+                        service,
+                        tokens: old.tokens,
+                    }
+                }
+                (old, Some((addr, sockets))) => {
+                    match old {
+                        Some(old) => {
+                            changes.listeners_rebound.push(l.name.clone());
+                            old.tokens.values().for_each(CancellationToken::cancel);
+                        }
+                        None => changes.listeners_added.push(l.name.clone()),
+                    }
+                    info!(listener = %l.name, protocol = l.protocol.as_str(), addr = %addr, pool = %l.pool, "listening");
+                    let mut entry = ListenerEntry {
+                        config: l.clone(),
+                        addr,
+                        service,
+                        tokens: BTreeMap::new(),
+                    };
+                    for (worker, socket) in self.workers.iter().zip(sockets) {
+                        let token = worker.serve(socket.into_listener(&entry.service)?);
+                        entry.tokens.insert(worker.index, token);
+                    }
+                    entry
+                }
+                (None, None) => return Err(anyhow!("listener {}: not bound", l.name)),
+            };
+            // Workers added by this apply serve every listener that stays.
+            if let Some(sockets) = extra.remove(&l.name) {
+                let missing: Vec<&Worker> = self
+                    .workers
+                    .iter()
+                    .filter(|w| !entry.tokens.contains_key(&w.index))
+                    .collect();
+                for (worker, socket) in missing.into_iter().zip(sockets) {
+                    let token = worker.serve(socket.into_listener(&entry.service)?);
+                    entry.tokens.insert(worker.index, token);
+                }
+            }
+            listeners.insert(l.name.clone(), entry);
+        }
+        for (name, old) in std::mem::take(&mut self.listeners) {
+            info!(listener = %name, "listener removed: no new connections, live ones finish");
+            old.tokens.values().for_each(CancellationToken::cancel);
+            changes.listeners_removed.push(name);
+        }
+        self.listeners = listeners;
+        self.config = new;
+        Ok(changes)
+    }
+
+    /// Every worker stops accepting and drains; returns the threads to join.
+    pub(crate) fn stop(&mut self) -> Vec<JoinHandle<()>> {
+        for entry in self.pools.values() {
+            entry.checks.cancel();
+        }
+        let mut threads = std::mem::take(&mut self.retired);
+        for worker in &mut self.workers {
+            worker.stop.cancel();
+            threads.extend(worker.take_thread());
+        }
+        threads
+    }
+
+    /// The pool called `name`.
+    pub(crate) fn pool(&self, name: &str) -> Option<&PoolEntry> {
+        self.pools.get(name)
+    }
+
+    /// Sets one backend's weight: the pool's snapshot is rebuilt (the same builder a
+    /// reload uses), every state carried. Until the next reload, which restores the
+    /// file's weights.
+    pub(crate) fn set_weight(
+        &mut self,
+        pool: &str,
+        backend: SocketAddr,
+        weight: u32,
+    ) -> Result<()> {
+        let entry = self
+            .pools
+            .get_mut(pool)
+            .ok_or_else(|| anyhow!("no pool named {pool:?}"))?;
+        let spec = entry
+            .config
+            .backends
+            .iter_mut()
+            .find(|b| b.addr == backend)
+            .ok_or_else(|| anyhow!("pool {pool} has no backend {backend}"))?;
+        if !(1..=l4_balance::MAX_WEIGHT).contains(&weight) {
+            return Err(anyhow!(
+                "weight {weight} is outside 1..={}",
+                l4_balance::MAX_WEIGHT
+            ));
+        }
+        spec.weight = weight;
+        let snapshot = build_snapshot(&entry.config, Some(&entry.pool))?;
+        entry.pool.publish(snapshot);
+        info!(pool, backend = %backend, weight, "backend weight set");
+        Ok(())
+    }
+}
+
+/// A socket bound for a listener, not yet handed to a worker.
+enum BoundSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl BoundSocket {
+    fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(match self {
+            BoundSocket::Tcp(s) => s.local_addr()?,
+            BoundSocket::Udp(s) => s.local_addr()?,
+        })
+    }
+
+    fn into_listener(self, service: &Service) -> Result<ListenerSocket> {
+        match (self, service) {
+            (BoundSocket::Tcp(s), Service::Tcp(svc)) => Ok(ListenerSocket::Tcp(Arc::clone(svc), s)),
+            (BoundSocket::Udp(s), Service::Udp(svc)) => Ok(ListenerSocket::Udp(Arc::clone(svc), s)),
+            // A listener's sockets and service are made from the same protocol.
+            _ => Err(anyhow!("a socket and a service of different protocols")),
+        }
+    }
+}
+
+/// `count` reuseport sockets on `addr`.
+fn bind(
+    addr: SocketAddr,
+    protocol: ListenerProtocol,
+    count: usize,
+    name: &str,
+) -> Result<Vec<BoundSocket>> {
+    Ok(match protocol {
+        ListenerProtocol::Tcp => bind_tcp(addr, count)
+            .with_context(|| format!("listener {name}: cannot listen on {addr}"))?
+            .into_iter()
+            .map(BoundSocket::Tcp)
+            .collect(),
+        ListenerProtocol::Udp => bind_udp(addr, count)
+            .with_context(|| format!("listener {name}: cannot bind {addr}"))?
+            .into_iter()
+            .map(BoundSocket::Udp)
+            .collect(),
+    })
+}
+
+/// A snapshot for `config`, carrying the state (health, operator state, counters, live
+/// connections) of every backend `old` already has at the same address.
+fn build_snapshot(config: &PoolConfig, old: Option<&Arc<Pool>>) -> Result<PoolSnapshot> {
+    let snapshot = PoolSnapshot::build(config.algorithm, &config.backends, |addr| {
+        old.and_then(|pool| pool.backend_state(addr))
+    })
+    .with_context(|| format!("pool {}", config.name))?;
+    Ok(snapshot.with_outlier(config.passive))
+}
+
+fn start_checks(pool: &Arc<Pool>, config: &PoolConfig) -> CancellationToken {
+    let token = CancellationToken::new();
+    spawn_checks(Arc::clone(pool), config.health, token.clone());
+    token
+}
+
+/// Builds the listener's service from the new config and publishes it: into the old
+/// `ArcSwap` when the sockets stay (`reuse`), so the accept loops take it for their next
+/// connection, or into a new one. Counters and the live-connection count carry over.
+fn publish_service(
+    config: &Config,
+    l: &Listener,
+    pool: &PoolEntry,
+    old: Option<&Service>,
+    reuse: bool,
+) -> Service {
+    match l.protocol {
+        ListenerProtocol::Tcp => {
+            let previous = match old {
+                Some(Service::Tcp(shared)) => Some(shared.load_full()),
+                _ => None,
+            };
+            let (stats, limit) = match &previous {
+                Some(p) => {
+                    p.limit.set_max(l.max_connections);
+                    (Arc::clone(&p.stats), Arc::clone(&p.limit))
+                }
+                None => (
+                    Arc::new(TcpStats::default()),
+                    ConnectionLimit::new(l.max_connections),
+                ),
+            };
+            let service = TcpService {
+                name: Arc::from(l.name.as_str()),
+                bind: l.bind,
+                pool: Arc::clone(&pool.pool),
+                connect_timeout: l.connect_timeout,
+                retries: l.retries,
+                relay: RelayOptions {
+                    mode: l.relay,
+                    idle_timeout: l.idle_timeout,
+                    max_pipes: config.max_pipes.div_ceil(config.workers.max(1)),
+                },
+                access: l.access.clone(),
+                limit,
+                proxy_protocol: l.proxy_protocol,
+                sources: pool.config.source.clone(),
+                next_source: AtomicUsize::new(0),
+                stats,
+            };
+            match (old, reuse) {
+                (Some(Service::Tcp(shared)), true) => {
+                    shared.store(Arc::new(service));
+                    Service::Tcp(Arc::clone(shared))
+                }
+                _ => Service::Tcp(Arc::new(ArcSwap::from_pointee(service))),
+            }
+        }
+        ListenerProtocol::Udp => {
+            let stats = match old {
+                Some(Service::Udp(shared)) => Arc::clone(&shared.load().stats),
+                _ => Arc::new(UdpStats::default()),
+            };
+            let service = UdpService {
+                name: Arc::from(l.name.as_str()),
+                bind: l.bind,
+                pool: Arc::clone(&pool.pool),
+                sources: pool.config.source.clone(),
+                idle_timeout: l.idle_timeout,
+                max_flows_per_worker: l.max_flows.div_ceil(config.workers.max(1)),
+                access: l.access.clone(),
+                stats,
+            };
+            match (old, reuse) {
+                (Some(Service::Udp(shared)), true) => {
+                    shared.store(Arc::new(service));
+                    Service::Udp(Arc::clone(shared))
+                }
+                _ => Service::Udp(Arc::new(ArcSwap::from_pointee(service))),
+            }
+        }
+    }
+}

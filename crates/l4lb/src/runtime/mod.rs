@@ -1,0 +1,119 @@
+//! Process life: the control thread (signals, reloads, health checks, the admin
+//! endpoint) and the worker threads it starts (see [`worker`]); every change of what runs
+//! goes through [`control::Control::apply`].
+//!
+//! Each worker is a single-threaded tokio runtime on its own thread with its own
+//! `SO_REUSEPORT` socket per listener: the kernel spreads connections over workers and a
+//! connection lives on one thread from accept to close.
+
+pub(crate) mod control;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_appender::non_blocking::ErrorCounter;
+
+use crate::config::Config;
+use control::{Control, Service};
+
+/// Runs until SIGTERM or SIGINT (or a panicking worker), then drains and returns.
+/// `path` is read again on every reload. `dropped_logs` counts log lines the writer had
+/// to drop; they are reported from the control thread.
+pub fn run(path: PathBuf, config: Config, dropped_logs: ErrorCounter) -> Result<()> {
+    match l4_core::sys::raise_nofile_limit() {
+        Ok(limit) => info!(nofile = limit, "open file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open file limit"),
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("control runtime")?;
+    // Cancelled by a worker whose accept loop, UDP loop or thread panicked: l4lb then
+    // stops like on SIGTERM and exits non-zero, so its supervisor restarts it.
+    let fatal = CancellationToken::new();
+    let outcome = runtime.block_on(control_loop(path, config, dropped_logs, fatal));
+    // Do not wait for the thread joining the workers: after a second signal it may be
+    // stuck behind connections that are still draining.
+    runtime.shutdown_background();
+    outcome
+}
+
+async fn control_loop(
+    path: PathBuf,
+    config: Config,
+    dropped_logs: ErrorCounter,
+    fatal: CancellationToken,
+) -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    tokio::spawn(crate::logging::report_dropped(dropped_logs));
+
+    let (admin_addr, admin_token) = (config.admin, config.admin_token.clone());
+    let (workers, listeners, pools) = (config.workers, config.listeners.len(), config.pools.len());
+    let control = Arc::new(Mutex::new(Control::start(path, config, fatal.clone())?));
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = admin_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin: cannot listen on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "admin listening");
+        let admin = Arc::new(crate::admin::Admin {
+            control: Arc::clone(&control),
+            ready: Arc::clone(&ready),
+            token: admin_token,
+            registry: crate::metrics::registry(Arc::clone(&control)),
+        });
+        tokio::spawn(crate::admin::serve(listener, admin));
+    }
+    // Ready only once signals are handled: a SIGTERM from here on drains.
+    ready.store(true, Ordering::Relaxed);
+    info!(workers, listeners, pools, "ready");
+
+    let lock = || control.lock().unwrap_or_else(|e| e.into_inner());
+    let cause = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            () = fatal.cancelled() => break "a worker panicked",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the config");
+                let _ = lock().reload();
+            }
+        }
+    };
+    // Not ready from the first signal on, before the listeners close: load balancers and
+    // BGP daemons that poll /ready stop sending first.
+    ready.store(false, Ordering::Relaxed);
+    let drain_timeout = lock().config.drain_timeout;
+    info!(cause, drain_timeout = ?drain_timeout, "stopping: no new connections, draining live ones");
+    let threads = lock().stop();
+    let joined = tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    });
+    tokio::select! {
+        _ = joined => {}
+        _ = term.recv() => warn!("second signal: exiting without waiting"),
+        _ = int.recv() => warn!("second signal: exiting without waiting"),
+    }
+    for (name, l) in &lock().listeners {
+        if let Service::Udp(service) = &l.service {
+            info!(listener = %name, "udp totals: {}", service.load().stats);
+        }
+    }
+    if fatal.is_cancelled() {
+        return Err(anyhow!(
+            "stopped because a worker panicked (see the panic above)"
+        ));
+    }
+    info!("stopped");
+    Ok(())
+}
