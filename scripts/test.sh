@@ -7,10 +7,15 @@ cd "$(dirname "$0")/.."
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 # Real peers for the end-to-end tests: dnsmasq answers DNS behind l4lb, dig asks, nginx
-# reads the PROXY protocol header.
+# reads the PROXY protocol header, promtool checks the metrics.
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v dig >/dev/null || need+=(dnsutils)
 [ -x /usr/sbin/nginx ] || need+=(nginx)
+# promtool checks /metrics; prlimit (util-linux) and ip (iproute2) run l4lb under a
+# descriptor limit and in network namespaces.
+command -v promtool >/dev/null || need+=(prometheus)
+command -v prlimit >/dev/null || need+=(util-linux)
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -71,7 +71,10 @@ impl Balancer {
         command
             .arg("--config")
             .arg(&path)
-            .env("L4LB_LOG", "info")
+            .env(
+                "L4LB_LOG",
+                std::env::var("L4LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(launch.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -115,7 +118,8 @@ impl Balancer {
             listeners: Vec::new(),
         };
         balancer.wait_for_log(|l| l.contains(" ready"));
-        let listening: Vec<String> = balancer.logs_matching(|l| l.contains("listening"));
+        let listening: Vec<String> =
+            balancer.logs_matching(|l| l.contains("listening") && field(l, "listener").is_some());
         for line in listening {
             let name = field(&line, "listener").unwrap();
             let addr = field(&line, "addr").unwrap().parse().unwrap();
@@ -127,6 +131,42 @@ impl Balancer {
     /// The address of the first listener.
     pub fn addr(&self) -> SocketAddr {
         self.listeners[0].1
+    }
+
+    /// The address of the listener called `name`, as last logged (a reload may add or move
+    /// listeners).
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.logs_matching(|l| {
+            l.contains("listening") && field(l, "listener").as_deref() == Some(name)
+        })
+        .last()
+        .and_then(|l| field(l, "addr"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no listener {name} in the log"))
+    }
+
+    /// The admin endpoint's address, from its log line.
+    pub fn admin(&self) -> SocketAddr {
+        let line = self.wait_for_log(|l| l.contains("admin listening"));
+        field(&line, "addr").unwrap().parse().unwrap()
+    }
+
+    /// The config file it runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("l4lb.yaml")
+    }
+
+    /// Writes a new config and sends SIGHUP; waits for the reload's outcome and returns
+    /// its log line (`config reloaded` or `reload refused`).
+    pub fn reload(&self, config: &str) -> String {
+        std::fs::write(self.config_path(), config).unwrap();
+        let before = self.logs_matching(is_reload_outcome).len();
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGHUP).unwrap();
+        self.wait_for_logs(before + 1, is_reload_outcome)
+            .pop()
+            .unwrap()
     }
 
     pub fn pid(&self) -> u32 {
@@ -230,6 +270,38 @@ impl Drop for Balancer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn is_reload_outcome(line: &str) -> bool {
+    line.contains("config reloaded") || line.contains("reload refused")
+}
+
+/// One HTTP/1.1 request to the admin endpoint: (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
 }
 
 /// The value of `key=value` in a tracing log line.

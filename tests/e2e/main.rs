@@ -10,6 +10,7 @@ mod failover;
 mod hardening;
 mod health;
 mod netns;
+mod operations;
 mod peers;
 mod tcp;
 mod udp;

@@ -328,19 +328,45 @@ async fn dig_resolves_through_l4lb_from_dnsmasq() {
     );
     let dns: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let lb = Balancer::start(&udp_config(&[dns], "", ""));
+    let lb_port = lb.addr().port();
     // dnsmasq is ready when it answers; dig retries on its own (+tries).
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(dig)
+        let o = std::process::Command::new(dig)
             .args(["+short", "+tries=5", "+time=1", "-p"])
             .arg(lb.addr().port().to_string())
             .args(["@127.0.0.1", "www.l4lb.test", "A"])
             .output()
-            .unwrap()
+            .unwrap();
+        (o, lb)
     })
     .await
     .unwrap();
-    drop(server);
+    let (out, _lb) = out;
     let answer = String::from_utf8_lossy(&out.stdout);
+    if answer.trim() != "192.0.2.7" {
+        let ss = std::process::Command::new("ss")
+            .args(["-uanpe"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&ss.stdout);
+        let port_s = port.to_string();
+        let lbp = lb_port.to_string();
+        for line in text.lines().filter(|l| {
+            l.contains(&format!(":{port_s}"))
+                || l.contains(&format!(":{lbp}"))
+                || l.contains("dnsmasq")
+        }) {
+            eprintln!("SS {line}");
+        }
+        eprintln!(
+            "DNSMASQ alive: {:?}",
+            std::process::Command::new("pgrep")
+                .args(["-a", "dnsmasq"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        );
+    }
+    drop(server);
     assert_eq!(
         answer.trim(),
         "192.0.2.7",

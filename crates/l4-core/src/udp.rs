@@ -420,6 +420,13 @@ impl Worker {
             datagrams_in: 0,
             bytes_in: 0,
         };
+        debug!(
+            listener = %self.service.name,
+            client = %client,
+            backend = %flow.backend.addr(),
+            local = ?flow.socket.local_addr().ok(),
+            "flow opened"
+        );
         bump(&stats.flows_created, 1);
         bump(&stats.flows_active, 1);
         if let Some((old, evicted)) = self.table.insert(client, flow, now) {

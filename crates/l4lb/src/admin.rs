@@ -106,11 +106,23 @@ async fn handle(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Repl
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        (&Method::GET, ["metrics"]) => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::render(&admin.registry),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            let openmetrics = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let content_type = if openmetrics {
+                crate::metrics::OPENMETRICS
+            } else {
+                crate::metrics::PROMETHEUS_TEXT
+            };
+            reply(
+                StatusCode::OK,
+                content_type,
+                crate::metrics::render(&admin.registry, openmetrics),
+            )
+        }
         (&Method::GET, ["status"]) => json_reply(StatusCode::OK, status(&lock(admin))),
         (&Method::POST, ["reload"]) => {
             info!(from = %peer, "reload requested through the admin endpoint");

@@ -4,6 +4,7 @@
 
 mod admin;
 mod config;
+mod ctl;
 mod logging;
 mod metrics;
 mod runtime;
@@ -24,10 +25,43 @@ struct Cli {
     /// Validate the config, print every error with its path, and exit (0 when valid).
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Commands>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Commands {
+    /// Talk to a running l4lb through its admin endpoint.
+    Ctl {
+        /// The admin endpoint (default: `admin` in the config file).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// The bearer token (default: `admin_token` in the config file).
+        #[arg(long, env = "L4LB_ADMIN_TOKEN")]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: ctl::Command,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Commands::Ctl {
+        admin,
+        token,
+        command,
+    }) = &cli.command
+    {
+        let outcome = ctl::Target::find(&cli.config, *admin, token.clone())
+            .and_then(|target| ctl::run(&target, command));
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("l4lb ctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let text = match std::fs::read_to_string(&cli.config) {
         Ok(text) => text,
         Err(e) => {

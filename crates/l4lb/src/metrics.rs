@@ -21,11 +21,50 @@ pub(crate) fn registry(control: Arc<Mutex<Control>>) -> Registry {
     registry
 }
 
-/// Renders the registry in the text exposition format.
-pub(crate) fn render(registry: &Registry) -> String {
+/// The OpenMetrics content type.
+pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format's content type.
+pub(crate) const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Renders the registry: OpenMetrics when the scraper asks for it (Prometheus does), else
+/// the classic text format (promtool, curl, older scrapers).
+pub(crate) fn render(registry: &Registry, openmetrics: bool) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    if openmetrics {
+        out
+    } else {
+        to_prometheus_text(&out)
+    }
+}
+
+/// OpenMetrics names a counter family without `_total` and its samples with it; the
+/// classic format names both with it, and has no `# EOF` or `# UNIT`.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -362,5 +401,17 @@ impl Collector for L4lbCollector {
             &[(Vec::<(&str, String)>::new(), get(&reloads.last_ok_unix))],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_get_their_total_name_in_the_classic_format() {
+        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total{l=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            super::to_prometheus_text(om),
+            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total{l=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
     }
 }

@@ -199,8 +199,10 @@ impl Validator {
             let is_udp = l.protocol.as_deref() == Some("udp");
             let bind = match l.bind.parse::<SocketAddr>() {
                 Ok(addr) => {
-                    // TCP and UDP on one port (DNS) is fine; the same twice is not.
-                    if let Some(first) = binds.insert((addr, is_udp), i) {
+                    // TCP and UDP on one port (DNS) is fine; the same twice is not. Port 0
+                    // asks for a free port each time, so it never clashes.
+                    if addr.port() == 0 {
+                    } else if let Some(first) = binds.insert((addr, is_udp), i) {
                         self.error(
                             format!("{path}.bind"),
                             format!("{addr} is already bound by listeners[{first}]"),

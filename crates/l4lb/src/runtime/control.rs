@@ -59,7 +59,7 @@ pub(crate) enum ReloadError {
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: std::io::Error },
     /// The file is not a valid config.
-    #[error("invalid config:\n{0}")]
+    #[error("invalid config: {}", .0.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid(ConfigErrors),
     /// Valid, but could not be applied (an address that cannot be bound).
     #[error("{0:#}")]

@@ -30,6 +30,13 @@ pub fn run(path: PathBuf, config: Config, dropped_logs: ErrorCounter) -> Result<
         Ok(limit) => info!(nofile = limit, "open file limit"),
         Err(e) => warn!(error = %e, "could not raise the open file limit"),
     }
+    // With SO_REUSEPORT, closing one worker's listening socket (a worker retired by a
+    // reload) resets the connections queued on it at that instant, unless the kernel moves
+    // them to another socket of the group, which it does when told to (Linux 5.14+).
+    if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "0")
+    {
+        info!("net.ipv4.tcp_migrate_req is 0: set it to 1 so that reducing `workers` by reload never resets a connection queued on a retired worker's socket");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
