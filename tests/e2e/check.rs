@@ -125,6 +125,18 @@ fn extreme_values_are_refused_with_their_range() {
             "pools[0].source[0]: 0.0.0.0 is not a local unicast address",
         ),
         (
+            format!("log: {{ access: stderr, format: xml }}\n{BASE}"),
+            "log.format: unknown format \"xml\" (expected text or json)",
+        ),
+        (
+            format!("admin: 127.0.0.1:9900\nadmin_token: short\n{BASE}"),
+            "admin_token: must be at least 16 characters",
+        ),
+        (
+            format!("admin: \"localhost:9900\"\n{BASE}"),
+            "admin: invalid socket address \"localhost:9900\"",
+        ),
+        (
             pool("    source: [\"::1\"]"),
             "pools[0].backends[0].address: 127.0.0.1:8081 is IPv4 but the pool has no IPv4 source",
         ),

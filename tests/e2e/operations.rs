@@ -204,7 +204,6 @@ async fn workers_change(prefix: Vec<String>) {
         },
     );
     let base = keep_ports(&lb, &base, &["test"]);
-    assert_eq!(worker_threads(lb.pid()), 2);
     let addr = lb.addr();
     let stop = tokio_util::sync::CancellationToken::new();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -220,9 +219,12 @@ async fn workers_change(prefix: Vec<String>) {
         })
     };
     let count = || served.load(std::sync::atomic::Ordering::Relaxed);
-    for workers in [4, 1, 3, 1] {
-        let outcome = lb.reload(&base.replace("workers: 2", &format!("workers: {workers}")));
-        assert!(outcome.contains("config reloaded"), "{outcome}");
+    for workers in [2, 4, 1, 3, 1] {
+        if workers != 2 {
+            let outcome = lb.reload(&base.replace("workers: 2", &format!("workers: {workers}")));
+            assert!(outcome.contains("config reloaded"), "{outcome}");
+        }
+        // A thread names itself when it first runs: wait for the names, bounded.
         let deadline = Instant::now() + PATIENCE;
         while worker_threads(lb.pid()) != workers {
             assert!(Instant::now() < deadline, "{workers} workers never ran");
@@ -572,4 +574,97 @@ async fn ready_turns_503_at_sigterm_while_connections_drain() {
         "still alive while draining"
     );
     drop(live);
+}
+
+/// Waits (bounded) until `path` holds `lines` lines, and returns them.
+async fn file_lines(path: &std::path::Path, lines: usize) -> Vec<String> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let got: Vec<String> = text.lines().map(String::from).collect();
+        if got.len() >= lines {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} of {lines} lines",
+            path.display(),
+            got.len()
+        );
+        tick.tick().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_goes_to_its_file_as_json_and_reopens_on_sigusr1() {
+    let a = Killable::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let lb = Balancer::start(&ops_config(
+        1,
+        &[("test", "p")],
+        &[("p", &[a.addr])],
+        &format!("log: {{ access: \"{}\", format: json }}", path.display()),
+    ));
+    for _ in 0..3 {
+        assert_eq!(who(lb.addr()).await.unwrap(), "a");
+    }
+    let lines = file_lines(&path, 3).await;
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["fields"]["message"], "connection closed", "{line}");
+        assert_eq!(v["fields"]["backend"], a.addr.to_string(), "{line}");
+        assert_eq!(v["fields"]["bytes_out"], 1, "{line}");
+        assert_eq!(v["spans"][0]["listener"], "test", "{line}");
+    }
+    assert!(
+        lb.logs_matching(|l| l.contains("connection closed"))
+            .is_empty(),
+        "the access log is not on stderr"
+    );
+    // logrotate: move the file, signal, and the next line goes to a new file.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    use nix::sys::signal::{kill, Signal};
+    kill(nix::unistd::Pid::from_raw(lb.pid() as i32), Signal::SIGUSR1).unwrap();
+    lb.wait_for_log(|l| l.contains("SIGUSR1"));
+    assert_eq!(who(lb.addr()).await.unwrap(), "a");
+    assert_eq!(
+        file_lines(&path, 1).await.len(),
+        1,
+        "a fresh file after SIGUSR1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&rotated).unwrap().lines().count(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_can_be_off() {
+    let a = Killable::start("a").await;
+    let lb = Balancer::start(&ops_config(
+        1,
+        &[("test", "p")],
+        &[("p", &[a.addr])],
+        "log: { access: off }",
+    ));
+    for _ in 0..3 {
+        assert_eq!(who(lb.addr()).await.unwrap(), "a");
+    }
+    // The status counts them, the log does not name them.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, body) = http(lb.admin(), "GET", "/status", "", None).await;
+        if body.contains("\"total\":3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::task::yield_now().await;
+    }
+    assert!(lb
+        .logs_matching(|l| l.contains("connection closed"))
+        .is_empty());
 }

@@ -17,3 +17,7 @@ pub mod sys;
 pub mod tcp;
 pub mod udp;
 mod udp_ports;
+
+/// The `tracing` target of the one event each connection or UDP flow ends with: the access
+/// log, which the binary routes to its own sink (`log.access`) whatever the log level.
+pub const ACCESS_LOG: &str = "access";

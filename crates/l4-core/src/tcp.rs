@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::ACCESS_LOG;
 use arc_swap::ArcSwap;
 use l4_balance::{BackendHandle, FlowKey, Pool, Protocol, TimeMetric};
 use tokio::io::AsyncWriteExt;
@@ -224,6 +225,7 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
     bump(&service.stats.bytes_out, report.backend_to_client);
     bump(&service.stats.spliced_bytes, report.spliced_bytes);
     info!(
+        target: ACCESS_LOG,
         backend = %backend_addr,
         bytes_in = report.client_to_backend,
         bytes_out = report.backend_to_client,

@@ -26,6 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 use crate::udp_ports::{FlowSocket, PortBook};
+use crate::ACCESS_LOG;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -485,6 +486,7 @@ impl Worker {
             .flows_active
             .fetch_sub(1, Ordering::Relaxed);
         info!(
+        target: ACCESS_LOG,
             listener = %self.service.name,
             client = %client,
             backend = %flow.backend.addr(),

@@ -3,10 +3,18 @@
 //! non-blocking writer, lossy). A slow terminal or a full stderr pipe then costs log lines,
 //! never relaying; the lines dropped are counted and reported.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+use crate::config::{AccessLog, AccessSink};
 
 /// Lines queued for the writer at most; beyond, new lines are dropped and counted.
 const QUEUED_LINES: usize = 16 * 1024;
@@ -14,28 +22,74 @@ const QUEUED_LINES: usize = 16 * 1024;
 /// How often the dropped-line count is looked at (and reported if it grew).
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
-/// Keeps the writer thread alive; dropping it flushes what is queued (waiting about a
+/// Keeps the writer threads alive; dropping it flushes what is queued (waiting about a
 /// second at most).
 pub struct Logging {
-    _guard: WorkerGuard,
+    _guards: Vec<WorkerGuard>,
     dropped: ErrorCounter,
+    reopen: Arc<AtomicBool>,
 }
 
-/// Installs the subscriber (level from `L4LB_LOG`, default `info`) and a panic hook that
-/// logs every panic with its thread and place.
-pub fn init() -> Logging {
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("l4lb-log")
-        .finish(std::io::stderr());
-    let dropped = writer.error_counter();
+/// Installs the subscriber and a panic hook that logs every panic with its thread and
+/// place. Two streams: the log (level from `L4LB_LOG`, default `info`) on stderr, and the
+/// access log (one event per connection or UDP flow, target [`l4_core::ACCESS_LOG`]) where
+/// `access` says, whatever the log level.
+pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
+    let (stderr, stderr_guard) = non_blocking(std::io::stderr());
+    let dropped = stderr.error_counter();
+    let mut guards = vec![stderr_guard];
+    let reopen = Arc::new(AtomicBool::new(false));
+    let ansi = std::io::stderr().is_terminal();
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("L4LB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
+    let not_access = filter_fn(|meta| meta.target() != l4_core::ACCESS_LOG);
+    let main = tracing_subscriber::fmt::layer()
+        .with_writer(stderr.clone())
+        .with_ansi(ansi)
+        .with_filter(not_access)
+        .with_filter(filter);
+
+    // Spans pass too: the access event's span carries the listener and the client.
+    let only_access = || filter_fn(|meta| meta.is_span() || meta.target() == l4_core::ACCESS_LOG);
+    let access_writer = match &access.sink {
+        AccessSink::Off => None,
+        AccessSink::Stderr => Some(stderr),
+        AccessSink::File(path) => {
+            let file = ReopenableFile::open(path.clone(), Arc::clone(&reopen))?;
+            let (writer, guard) = non_blocking(file);
+            guards.push(guard);
+            Some(writer)
+        }
+    };
+    let access_ansi = ansi && access.sink == AccessSink::Stderr;
+    let (text, json) = match (access_writer, access.json) {
+        (None, _) => (None, None),
+        (Some(w), false) => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(w)
+                    .with_ansi(access_ansi)
+                    .with_filter(only_access()),
+            ),
+            None,
+        ),
+        (Some(w), true) => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_span_list(true)
+                    .with_writer(w)
+                    .with_filter(only_access()),
+            ),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(main)
+        .with(text)
+        .with(json)
         .init();
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
@@ -57,16 +111,70 @@ pub fn init() -> Logging {
             "panic"
         );
     }));
-    Logging {
-        _guard: guard,
+    Ok(Logging {
+        _guards: guards,
         dropped,
-    }
+        reopen,
+    })
+}
+
+fn non_blocking<W: Write + Send + 'static>(
+    writer: W,
+) -> (tracing_appender::non_blocking::NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("l4lb-log")
+        .finish(writer)
 }
 
 impl Logging {
     /// Log lines dropped so far because the writer could not keep up.
     pub fn dropped(&self) -> ErrorCounter {
         self.dropped.clone()
+    }
+
+    /// Set to make the access log file be reopened before its next line (SIGUSR1).
+    pub fn reopen(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.reopen)
+    }
+}
+
+/// An append-only file that reopens its path when asked (after logrotate moved it), on
+/// the log writer's thread, before the next line.
+struct ReopenableFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    reopen: Arc<AtomicBool>,
+}
+
+impl ReopenableFile {
+    fn open(path: std::path::PathBuf, reopen: Arc<AtomicBool>) -> std::io::Result<Self> {
+        let file = append(&path)?;
+        Ok(ReopenableFile { path, file, reopen })
+    }
+}
+
+fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+impl Write for ReopenableFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.reopen.swap(false, Ordering::Relaxed) {
+            // A file that cannot be reopened keeps the old one: no line is lost for it.
+            if let Ok(file) = append(&self.path) {
+                self.file = file;
+            }
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 

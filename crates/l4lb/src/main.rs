@@ -88,15 +88,26 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let logging = logging::init();
-    let code =
-        match runtime::run(cli.config.clone(), config, logging.dropped()).context("l4lb failed") {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e:#}");
-                ExitCode::FAILURE
-            }
-        };
+    let logging = match logging::init(&config.access_log) {
+        Ok(logging) => logging,
+        Err(e) => {
+            eprintln!("{}: log.access: {e}", cli.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime::run(
+        cli.config.clone(),
+        config,
+        logging.dropped(),
+        logging.reopen(),
+    );
+    let code = match outcome.context("l4lb failed") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    };
     drop(logging); // flushes the queued lines
     code
 }

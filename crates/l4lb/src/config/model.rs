@@ -84,10 +84,33 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// The bearer token the admin endpoint requires, if any (required off loopback).
     pub admin_token: Option<String>,
+    /// Where the access log (one line per connection or UDP flow) goes.
+    pub access_log: AccessLog,
     /// Listeners, in file order.
     pub listeners: Vec<Listener>,
     /// Pools, in file order.
     pub pools: Vec<PoolConfig>,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessSink {
+    /// Nowhere.
+    Off,
+    /// Standard error, with the rest of the log (the default).
+    #[default]
+    Stderr,
+    /// A file of its own, appended to, reopened on SIGUSR1 (logrotate's convention).
+    File(std::path::PathBuf),
+}
+
+/// The access log's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessLog {
+    /// Where.
+    pub sink: AccessSink,
+    /// One JSON object per line instead of text.
+    pub json: bool,
 }
 
 /// Transport of a listener.

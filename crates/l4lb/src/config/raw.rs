@@ -10,6 +10,7 @@ pub(super) struct RawConfig {
     pub(super) max_pipes: Option<usize>,
     pub(super) admin: Option<String>,
     pub(super) admin_token: Option<String>,
+    pub(super) log: Option<RawLog>,
     pub(super) drain_timeout: Option<RawDuration>,
     #[serde(default)]
     pub(super) defaults: RawDefaults,
@@ -17,6 +18,13 @@ pub(super) struct RawConfig {
     pub(super) listeners: Vec<RawListener>,
     #[serde(default)]
     pub(super) pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) access: Option<String>,
+    pub(super) format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

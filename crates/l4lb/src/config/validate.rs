@@ -142,6 +142,7 @@ impl Validator {
                 );
             }
         }
+        let access_log = self.access_log(raw.log.as_ref());
         let drain_timeout = self
             .duration("drain_timeout", raw.drain_timeout.as_ref(), DRAIN_TIMEOUT)
             .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
@@ -371,6 +372,7 @@ impl Validator {
                 max_pipes,
                 admin,
                 admin_token,
+                access_log,
                 listeners,
                 pools,
             })
@@ -453,6 +455,33 @@ impl Validator {
             probe: ProbeKind::Tcp,
             active: true,
         }
+    }
+
+    fn access_log(&mut self, raw: Option<&RawLog>) -> AccessLog {
+        let Some(raw) = raw else {
+            return AccessLog::default();
+        };
+        let sink = match raw.access.as_deref().map(str::trim) {
+            None | Some("stderr") => AccessSink::Stderr,
+            Some("off") => AccessSink::Off,
+            Some("") => {
+                self.error("log.access", "must be off, stderr or a file path");
+                AccessSink::Stderr
+            }
+            Some(path) => AccessSink::File(std::path::PathBuf::from(path)),
+        };
+        let json = match raw.format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => {
+                self.error(
+                    "log.format",
+                    format!("unknown format {other:?} (expected text or json)"),
+                );
+                false
+            }
+        };
+        AccessLog { sink, json }
     }
 
     /// The pool's local source addresses: specific unicast addresses, and one of each

@@ -25,7 +25,12 @@ use control::{Control, Service};
 /// Runs until SIGTERM or SIGINT (or a panicking worker), then drains and returns.
 /// `path` is read again on every reload. `dropped_logs` counts log lines the writer had
 /// to drop; they are reported from the control thread.
-pub fn run(path: PathBuf, config: Config, dropped_logs: ErrorCounter) -> Result<()> {
+pub fn run(
+    path: PathBuf,
+    config: Config,
+    dropped_logs: ErrorCounter,
+    reopen_access_log: Arc<AtomicBool>,
+) -> Result<()> {
     match l4_core::sys::raise_nofile_limit() {
         Ok(limit) => info!(nofile = limit, "open file limit"),
         Err(e) => warn!(error = %e, "could not raise the open file limit"),
@@ -44,7 +49,13 @@ pub fn run(path: PathBuf, config: Config, dropped_logs: ErrorCounter) -> Result<
     // Cancelled by a worker whose accept loop, UDP loop or thread panicked: l4lb then
     // stops like on SIGTERM and exits non-zero, so its supervisor restarts it.
     let fatal = CancellationToken::new();
-    let outcome = runtime.block_on(control_loop(path, config, dropped_logs, fatal));
+    let outcome = runtime.block_on(control_loop(
+        path,
+        config,
+        dropped_logs,
+        reopen_access_log,
+        fatal,
+    ));
     // Do not wait for the thread joining the workers: after a second signal it may be
     // stuck behind connections that are still draining.
     runtime.shutdown_background();
@@ -55,11 +66,13 @@ async fn control_loop(
     path: PathBuf,
     config: Config,
     dropped_logs: ErrorCounter,
+    reopen_access_log: Arc<AtomicBool>,
     fatal: CancellationToken,
 ) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     tokio::spawn(crate::logging::report_dropped(dropped_logs));
 
     let (admin_addr, admin_token) = (config.admin, config.admin_token.clone());
@@ -92,6 +105,10 @@ async fn control_loop(
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the config");
                 let _ = lock().reload();
+            }
+            _ = usr1.recv() => {
+                info!("SIGUSR1: reopening the access log file");
+                reopen_access_log.store(true, Ordering::Relaxed);
             }
         }
     };
