@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +37,7 @@ PORTS = {  # target -> (http port, iperf port)
     "haproxy": (18102, 15203),
     "nginx": (18103, 15204),
 }
+ADMIN = 19900  # l4lb's admin endpoint, scraped once a second as Prometheus would
 
 procs = []
 tmp = tempfile.mkdtemp(prefix="l4lb-bench-")
@@ -103,6 +105,7 @@ def start_proxies():
     conf = write("l4lb.yaml", f"""
 workers: {WORKERS}
 drain_timeout: 1s
+admin: 127.0.0.1:{ADMIN}
 listeners:
   - {{ name: http, bind: "127.0.0.1:{http}", pool: http, max_connections: 200000 }}
   - {{ name: iperf, bind: "127.0.0.1:{iperf}", pool: iperf }}
@@ -170,7 +173,24 @@ stream {{
     for t in ("l4lb", "haproxy", "nginx"):
         for p in PORTS[t]:
             wait_port(p)
+    wait_port(ADMIN)
+    threading.Thread(target=scrape_metrics, daemon=True).start()
     return {"l4lb": [l4.pid], "haproxy": [ha.pid], "nginx": [ng.pid]}
+
+
+scrapes = {"ok": 0, "failed": 0}
+
+
+def scrape_metrics():
+    """GET /metrics once a second for the whole benchmark: what a user's Prometheus does."""
+    import urllib.request
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics", timeout=2).read()
+            scrapes["ok"] += 1
+        except OSError:
+            scrapes["failed"] += 1
+        time.sleep(1)
 
 
 def run(cmd, timeout=None):
@@ -372,6 +392,7 @@ def main():
     if cpu_per_gb:
         print(f"\nl4lb CPU seconds per GB relayed (tcp 1 stream): {statistics.median(cpu_per_gb):.3f}")
     print(f"\n{ROUNDS} rounds, {SECONDS}s per run, {WORKERS} workers each, medians; {time.time() - started:.0f}s in all")
+    print(f"l4lb ran with its default log level and its admin endpoint scraped once a second ({scrapes['ok']} scrapes, {scrapes['failed']} failed)")
 
 
 if __name__ == "__main__":

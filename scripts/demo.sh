@@ -45,6 +45,11 @@ for port in (9001, 9002, 9003, 8080):
 print("\nsix requests to l4lb on 127.0.0.1:8080:")
 for _ in range(6):
     print("  ", urllib.request.urlopen("http://127.0.0.1:8080/").read().decode().strip())
-print("\nl4lb keeps running: try  curl http://127.0.0.1:8080/  (Ctrl-C stops everything)\n")
+print("\nl4lb keeps running: try  curl http://127.0.0.1:8080/")
+print("  ./target/release/l4lb ctl status                      # pools and backends (admin 127.0.0.1:9900)")
+print("  ./target/release/l4lb ctl drain web 127.0.0.1:9002     # no new connections to 9002")
+print("  curl http://127.0.0.1:9900/metrics                     # Prometheus metrics")
+print("  kill -HUP <pid>  or  ./target/release/l4lb ctl reload  # reload config/l4lb.yaml")
+print("(Ctrl-C stops everything)\n")
 PY
 wait

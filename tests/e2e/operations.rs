@@ -390,6 +390,31 @@ async fn metrics_pass_promtool_and_count_what_was_sent() {
         0
     );
 
+    // Every metric the shipped Grafana dashboard queries exists.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/grafana-l4lb.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("l4lb_") {
+                    let family = word.trim_end_matches("_bucket");
+                    assert!(
+                        text.contains(&format!("\n{family}")),
+                        "the dashboard queries {word}, which /metrics lacks"
+                    );
+                    queried += 1;
+                }
+            }
+        }
+    }
+    assert!(queried >= 15, "the dashboard covers the metrics: {queried}");
+
     let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -480,6 +505,11 @@ async fn drain_through_the_api_and_ctl_keeps_live_connections() {
         .find(|l| l.contains(&a.addr.to_string()))
         .unwrap();
     assert!(row.contains("draining"), "{table}");
+    let (_, status) = http(lb.admin(), "GET", "/status", "", None).await;
+    assert!(
+        status.contains("\"why\":\"operator (drain from 127.0.0.1:"),
+        "says why: {status}"
+    );
     let (ok, _) = ctl(&lb, &["enable", "p", &a.addr.to_string()]);
     assert!(ok);
     let (ok, _) = ctl(&lb, &["drain", "p", &b.addr.to_string()]);

@@ -88,6 +88,8 @@ pub struct BackendState {
     cap_warned: AtomicBool,
     /// Counters for metrics and the admin API, read at scrape time.
     pub stats: BackendStats,
+    /// Why the state last changed (for the admin API); written only on a change.
+    why: arc_swap::ArcSwapOption<String>,
 }
 
 /// Why a connect failed, for metrics.
@@ -228,7 +230,18 @@ impl BackendState {
             returned_at_ms: AtomicU64::new(0),
             cap_warned: AtomicBool::new(false),
             stats: BackendStats::default(),
+            why: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Why the state last changed, if it ever did.
+    pub fn why(&self) -> Option<Arc<String>> {
+        self.why.load_full()
+    }
+
+    /// Records why the state just changed.
+    pub(crate) fn set_why(&self, why: String) {
+        self.why.store(Some(Arc::new(why)));
     }
 
     /// The backend's address.

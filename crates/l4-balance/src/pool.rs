@@ -153,6 +153,7 @@ impl Pool {
         let snapshot = self.snapshot.load();
         if let Some(b) = snapshot.backends().find(|b| b.spec.addr == backend) {
             b.state.stats.record_state_change();
+            b.state.set_why(reason.to_string());
         }
         let usable = snapshot.backends().filter(|b| b.state.is_usable()).count();
         // Said when the pool loses its last usable backend, not again when an unusable

@@ -247,6 +247,7 @@ fn status(control: &Control) -> serde_json::Value {
                     json!({
                         "address": b.spec.addr.to_string(),
                         "state": b.state.health().as_str(),
+                        "why": b.state.why().map(|w| w.to_string()),
                         "weight": b.spec.weight,
                         "backup": b.spec.backup,
                         "active": b.state.active(),

@@ -182,6 +182,9 @@ fn table(status: &serde_json::Value) -> String {
                 text(&b["total"]),
                 text(&b["consecutive_failures"])
             ));
+            if let Some(why) = b["why"].as_str() {
+                out.push_str(&format!("{:<16} {:<24} why: {why}\n", "", ""));
+            }
         }
     }
     out
