@@ -164,6 +164,12 @@ impl Control {
             error,
         })?;
         let config = config::parse(&text).map_err(ReloadError::Invalid)?;
+        if config.admin != self.config.admin
+            || config.admin_token != self.config.admin_token
+            || config.access_log != self.config.access_log
+        {
+            tracing::warn!("admin, admin_token and log take effect at start: the running ones stay until a restart");
+        }
         self.apply(config).map_err(ReloadError::Apply)
     }
 
