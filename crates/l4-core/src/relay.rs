@@ -161,6 +161,12 @@ impl Progress {
         self.touch();
     }
 
+    /// Bytes read and written at once (the copy path's common case): never in flight.
+    fn passed(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
     fn has_pending_bytes(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) > 0
     }
@@ -228,14 +234,19 @@ enum CopyEnd {
 }
 
 impl Direction<'_> {
-    /// Accounts `n` bytes read from `from`; the first time, reports the time to first byte.
-    fn read(&self, n: usize, first: &mut bool) {
+    /// The first time, reports the time to first byte.
+    fn first_byte(&self, first: &mut bool) {
         if *first {
             *first = false;
             if let Some(hook) = self.on_first_byte {
                 hook(self.progress.start.elapsed());
             }
         }
+    }
+
+    /// Accounts `n` bytes read from `from` into a pipe, in flight until written.
+    fn read(&self, n: usize, first: &mut bool) {
+        self.first_byte(first);
         self.progress.read(n);
     }
 
@@ -378,20 +389,31 @@ impl Direction<'_> {
                     // paying a read that returns EAGAIN to learn it.
                     mark_drained(self.from, Interest::READABLE);
                 }
-                self.read(n, first);
+                self.first_byte(first);
                 let mut written = 0;
+                let mut failed = None;
                 while written < n {
                     match self.to.try_write(&buf[written..n]) {
                         Ok(0) => {
-                            return Err(self.fail_to(io::Error::from(io::ErrorKind::WriteZero)))
+                            failed = Some(io::Error::from(io::ErrorKind::WriteZero));
+                            break;
                         }
-                        Ok(m) => {
-                            written += m;
-                            self.wrote(m);
-                        }
+                        Ok(m) => written += m,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(self.fail_to(e)),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     }
+                }
+                // One count and one clock read for what went straight through; only
+                // what the peer could not take yet is in flight.
+                self.progress.passed(self.counter, written);
+                self.progress
+                    .in_flight
+                    .fetch_add((n - written) as u64, Ordering::Relaxed);
+                if let Some(e) = failed {
+                    return Err(self.fail_to(e));
                 }
                 leftover.extend_from_slice(&buf[written..n]);
                 Ok(CopyStep::Moved(n))
