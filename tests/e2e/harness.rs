@@ -304,6 +304,20 @@ pub async fn http(
     (status, body)
 }
 
+/// A port for a real peer (nginx, dnsmasq) to listen on: below the kernel's ephemeral
+/// range (32768 and up by default), so no client socket of the busy suite takes it between
+/// this check and the peer's bind, and free for both TCP and UDP now (dnsmasq binds both).
+pub fn peer_port(attempt: u16) -> u16 {
+    let base = 20000 + (std::process::id() as u16 % 500) * 20;
+    (0..2000u16)
+        .map(|i| base.wrapping_add(attempt * 97 + i * 7) % 12000 + 20000)
+        .find(|&p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        })
+        .expect("a free port for a peer")
+}
+
 /// The value of `key=value` in a tracing log line.
 pub fn field(line: &str, key: &str) -> Option<String> {
     let needle = format!("{key}=");

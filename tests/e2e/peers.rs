@@ -33,11 +33,7 @@ fn nginx_binary() -> &'static str {
 /// Starts nginx on a free port with `proxy_protocol` on its listener; it answers every
 /// request with the client address it learned from the header.
 async fn nginx_with_proxy_protocol() -> (Nginx, SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = peer_port(0);
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().display().to_string();
     let conf = format!(

@@ -327,13 +327,6 @@ async fn idle_flows_expire() {
 }
 
 /// A free UDP port on 127.0.0.1 for a peer that binds its own socket.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Dnsmasq(std::process::Child);
 
@@ -344,76 +337,80 @@ impl Drop for Dnsmasq {
     }
 }
 
+fn dig_once(dig: &str, port: u16, tries: u32) -> String {
+    let out = std::process::Command::new(dig)
+        .args([
+            "+short",
+            &format!("+tries={tries}"),
+            "+time=1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["@127.0.0.1", "www.l4lb.test", "A"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Starts dnsmasq and waits until it answers directly (a readiness check, bounded); one
+/// that exits at start (its port taken meanwhile) is started again on another port.
+fn start_dnsmasq(dig: &str) -> (Dnsmasq, u16) {
+    let dnsmasq = which("dnsmasq");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for attempt in 0.. {
+        let port = peer_port(attempt);
+        let mut server = Dnsmasq(
+            std::process::Command::new(&dnsmasq)
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--user=root",
+                    "--pid-file",
+                    &format!("--port={port}"),
+                    "--address=/l4lb.test/192.0.2.7",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start dnsmasq"),
+        );
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dnsmasq never answered"
+            );
+            if server.0.try_wait().unwrap().is_some() {
+                break; // exited: try another port
+            }
+            if dig_once(dig, port, 1) == "192.0.2.7" {
+                return (server, port);
+            }
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_resolves_through_l4lb_from_dnsmasq() {
-    let dnsmasq = which("dnsmasq");
     let dig = which("dig");
-    let port = free_udp_port();
-    let server = Dnsmasq(
-        std::process::Command::new(dnsmasq)
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                "--pid-file",
-                &format!("--port={port}"),
-                "--address=/l4lb.test/192.0.2.7",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start dnsmasq"),
-    );
-    let dns: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let lb = Balancer::start(&udp_config(&[dns], "", ""));
-    let lb_port = lb.addr().port();
-    // dnsmasq is ready when it answers; dig retries on its own (+tries).
-    let out = tokio::task::spawn_blocking(move || {
-        let o = std::process::Command::new(dig)
-            .args(["+short", "+tries=5", "+time=1", "-p"])
-            .arg(lb.addr().port().to_string())
-            .args(["@127.0.0.1", "www.l4lb.test", "A"])
-            .output()
-            .unwrap();
-        (o, lb)
+    let (server, port) = tokio::task::spawn_blocking({
+        let dig = dig.clone();
+        move || start_dnsmasq(&dig)
     })
     .await
     .unwrap();
-    let (out, _lb) = out;
-    let answer = String::from_utf8_lossy(&out.stdout);
-    if answer.trim() != "192.0.2.7" {
-        let ss = std::process::Command::new("ss")
-            .args(["-uanpe"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&ss.stdout);
-        let port_s = port.to_string();
-        let lbp = lb_port.to_string();
-        for line in text.lines().filter(|l| {
-            l.contains(&format!(":{port_s}"))
-                || l.contains(&format!(":{lbp}"))
-                || l.contains("dnsmasq")
-        }) {
-            eprintln!("SS {line}");
-        }
-        eprintln!(
-            "DNSMASQ alive: {:?}",
-            std::process::Command::new("pgrep")
-                .args(["-a", "dnsmasq"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        );
-    }
+    let dns: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let lb = Balancer::start(&udp_config(&[dns], "", ""));
+    let lb_port = lb.addr().port();
+    let answer = tokio::task::spawn_blocking(move || dig_once(&dig, lb_port, 3))
+        .await
+        .unwrap();
     drop(server);
-    assert_eq!(
-        answer.trim(),
-        "192.0.2.7",
-        "dig said: {answer} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(answer, "192.0.2.7", "dig through l4lb said {answer:?}");
+    drop(lb);
 }
 
 fn which(program: &str) -> String {
