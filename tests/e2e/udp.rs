@@ -326,8 +326,7 @@ async fn idle_flows_expire() {
     assert_eq!(field(&line, "datagrams_out").as_deref(), Some("1"));
 }
 
-/// A free UDP port on 127.0.0.1 for a peer that binds its own socket.
-
+/// A dnsmasq process, killed when dropped.
 struct Dnsmasq(std::process::Child);
 
 impl Drop for Dnsmasq {
