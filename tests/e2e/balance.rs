@@ -9,23 +9,6 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::harness::*;
 
-/// A config whose pool uses `pool_extra` (algorithm lines) and `weights`.
-fn pool_config(backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
-    let mut s = String::from(
-        "workers: 2\nlisteners:\n  - name: test\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n",
-    );
-    for line in pool_extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {}\n", line.trim()));
-    }
-    s.push_str("    backends:\n");
-    for (addr, weight) in backends {
-        s.push_str(&format!(
-            "      - {{ address: \"{addr}\", weight: {weight} }}\n"
-        ));
-    }
-    s
-}
-
 async fn fetch_from(ip: &str, port: u16, lb: SocketAddr) -> std::io::Result<String> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
@@ -42,6 +25,7 @@ async fn round_robin_follows_weights_1_1_2_over_3000_connections() {
     let b = named_backend("b").await;
     let c = named_backend("c").await;
     let lb = Balancer::start(&pool_config(
+        "",
         &[(a, 1), (b, 1), (c, 2)],
         "algorithm: round_robin",
     ));
@@ -78,6 +62,7 @@ async fn source_hash_pins_a_client_and_spreads_many() {
     let b = named_backend("b").await;
     let c = named_backend("c").await;
     let lb = Balancer::start(&pool_config(
+        "",
         &[(a, 1), (b, 1), (c, 1)],
         "algorithm: source_hash",
     ));
@@ -108,7 +93,7 @@ async fn two_instances_agree_under_maglev_five_tuple() {
     for name in ["a", "b", "c", "d", "e"] {
         backends.push((named_backend(name).await, 1));
     }
-    let config = pool_config(&backends, "algorithm: maglev\nhash: five_tuple");
+    let config = pool_config("", &backends, "algorithm: maglev\nhash: five_tuple");
     let one = Balancer::start(&config);
     let two = Balancer::start(&config);
     let mut used = HashSet::new();
@@ -159,6 +144,7 @@ async fn least_conn_sends_new_connections_where_few_are_open() {
     let b = holding_backend("b").await;
     let c = holding_backend("c").await;
     let lb = Balancer::start(&pool_config(
+        "",
         &[(a, 1), (b, 1), (c, 1)],
         "algorithm: least_conn",
     ));
@@ -206,6 +192,7 @@ async fn least_time_first_byte_avoids_a_slow_backend() {
     })
     .await;
     let lb = Balancer::start(&pool_config(
+        "",
         &[(fast1, 1), (fast2, 1), (slow, 1)],
         "algorithm: least_time\nleast_time: first_byte",
     ));
@@ -229,7 +216,11 @@ async fn p2c_spreads_long_lived_connections() {
     let a = holding_backend("a").await;
     let b = holding_backend("b").await;
     let c = holding_backend("c").await;
-    let lb = Balancer::start(&pool_config(&[(a, 1), (b, 1), (c, 1)], "algorithm: p2c"));
+    let lb = Balancer::start(&pool_config(
+        "",
+        &[(a, 1), (b, 1), (c, 1)],
+        "algorithm: p2c",
+    ));
     let mut open = Vec::new();
     for _ in 0..60 {
         open.push(open_and_identify(lb.addr()).await);

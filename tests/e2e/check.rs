@@ -20,6 +20,18 @@ fn check(text: &str) -> (i32, String) {
     )
 }
 
+/// Each config is refused by `--check` (exit 1) with its expected message.
+fn assert_refused<T: AsRef<str>>(cases: &[(T, &str)]) {
+    for (text, expected) in cases {
+        let (code, stderr) = check(text.as_ref());
+        assert_eq!(code, 1, "{expected}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
 const BASE: &str = "listeners:\n  - { name: web, bind: \"127.0.0.1:8080\", pool: web }\npools:\n  - name: web\n    backends:\n      - { address: \"127.0.0.1:8081\" }\n";
 
 #[test]
@@ -47,14 +59,7 @@ fn each_kind_of_bad_config_exits_1_naming_the_field() {
         (&BASE.replace("{ name: web, bind: \"127.0.0.1:8080\", pool: web }", "{ name: web, bind: \"0.0.0.0:5353\", protocol: udp, pool: web }"), "listeners[0].bind: udp listeners need a specific address"),
         ("listeners: [\n", "line"),
     ];
-    for (text, expected) in cases {
-        let (code, stderr) = check(text);
-        assert_eq!(code, 1, "{expected}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "expected {expected:?} in:\n{stderr}"
-        );
-    }
+    assert_refused(cases);
 }
 
 /// Values that once passed `--check` and then hung the start (a 16 GiB maglev table),
@@ -141,14 +146,7 @@ fn extreme_values_are_refused_with_their_range() {
             "pools[0].backends[0].address: 127.0.0.1:8081 is IPv4 but the pool has no IPv4 source",
         ),
     ];
-    for (text, expected) in cases {
-        let (code, stderr) = check(text);
-        assert_eq!(code, 1, "{expected}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "expected {expected:?} in:\n{stderr}"
-        );
-    }
+    assert_refused(cases);
 }
 
 #[test]

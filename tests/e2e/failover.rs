@@ -12,23 +12,6 @@ use tokio::net::TcpSocket;
 
 use crate::harness::*;
 
-/// One listener over `backends` (name, address, weight) with `pool_extra` in the pool.
-fn pool_config(backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
-    let mut s = String::from(
-        "workers: 2\ndefaults: { connect_timeout: 500ms }\nlisteners:\n  - name: test\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n",
-    );
-    for line in pool_extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {}\n", line.trim()));
-    }
-    s.push_str("    backends:\n");
-    for (addr, weight) in backends {
-        s.push_str(&format!(
-            "      - {{ address: \"{addr}\", weight: {weight} }}\n"
-        ));
-    }
-    s
-}
-
 /// `count` connections one after another; every one must be served. Returns the count
 /// per backend name.
 async fn spread(lb: SocketAddr, count: usize) -> HashMap<String, usize> {
@@ -48,7 +31,11 @@ async fn round_robin_spreads_a_dead_backends_share_evenly() {
     let mut b = Killable::start("b").await;
     let c = Killable::start("c").await;
     b.kill().await;
-    let lb = Balancer::start(&pool_config(&[(a.addr, 1), (b.addr, 1), (c.addr, 1)], ""));
+    let lb = Balancer::start(&pool_config(
+        "defaults: { connect_timeout: 500ms }",
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        "",
+    ));
     let seen = spread(lb.addr(), 300).await;
     assert_eq!(seen.get("b"), None);
     let on_a = seen.get("a").copied().unwrap_or(0);
@@ -61,7 +48,11 @@ async fn weighted_round_robin_without_its_heavy_backend_splits_evenly() {
     let b = Killable::start("b").await;
     let mut c = Killable::start("c").await;
     c.kill().await;
-    let lb = Balancer::start(&pool_config(&[(a.addr, 1), (b.addr, 1), (c.addr, 2)], ""));
+    let lb = Balancer::start(&pool_config(
+        "defaults: { connect_timeout: 500ms }",
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 2)],
+        "",
+    ));
     let seen = spread(lb.addr(), 300).await;
     let on_a = seen.get("a").copied().unwrap_or(0);
     assert!((135..=165).contains(&on_a), "even ± 10%: {seen:?}");
@@ -102,7 +93,7 @@ async fn hashing_moves_only_the_lost_clients(algorithm: &str) {
     let a = Killable::start("a").await;
     let mut b = Killable::start("b").await;
     let c = Killable::start("c").await;
-    let lb = Balancer::start(&pool_config(
+    let lb = Balancer::start(&pool_config("defaults: { connect_timeout: 500ms }", 
         &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
         &format!(
             "algorithm: {algorithm}\nhash: src_ip\nhealth: {{ interval: 100ms, timeout: 1s, rise: 1, fall: 3 }}\npassive: {{ ejection_time: 100ms }}"
@@ -162,6 +153,7 @@ async fn outage_of_every_backend(count: usize) {
     let weights: Vec<(SocketAddr, u32)> = backends.iter().map(|k| (k.addr, 1)).collect();
     // Probes every 10 s: they cannot be what brings the pool back.
     let lb = Balancer::start(&pool_config(
+        "defaults: { connect_timeout: 500ms }",
         &weights,
         "health: { interval: 10s, timeout: 1s }",
     ));
@@ -213,6 +205,7 @@ async fn passive_detection_ejects_no_more_than_its_cap() {
     c.kill().await;
     d.kill().await;
     let lb = Balancer::start(&pool_config(
+        "defaults: { connect_timeout: 500ms }",
         &[(a.addr, 1), (b.addr, 1), (c.addr, 1), (d.addr, 1)],
         "passive: { failures: 3, max_ejection_percent: 25, ejection_time: 30s }",
     ));

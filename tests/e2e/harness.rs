@@ -341,6 +341,24 @@ pub fn config(backends: &[SocketAddr], listener_extra: &str, top_extra: &str) ->
     s
 }
 
+/// One TCP listener over one pool of `backends` (address, weight), with `top_extra` at the
+/// top of the file and `pool_extra` lines in the pool.
+pub fn pool_config(top_extra: &str, backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
+    let mut s = format!(
+        "workers: 2\n{top_extra}\nlisteners:\n  - name: test\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  - name: p\n"
+    );
+    for line in pool_extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str(&format!("    {}\n", line.trim()));
+    }
+    s.push_str("    backends:\n");
+    for (addr, weight) in backends {
+        s.push_str(&format!(
+            "      - {{ address: \"{addr}\", weight: {weight} }}\n"
+        ));
+    }
+    s
+}
+
 /// An address on which nothing listens (bound, then closed): connects are refused.
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -497,6 +497,13 @@ async fn drain_through_the_api_and_ctl_keeps_live_connections() {
     let mut back = [0u8; 4];
     live.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"ping", "its live connection continues");
+    // The operator's state survives a reload for a backend that stays.
+    let same = std::fs::read_to_string(lb.config_path()).unwrap();
+    let outcome = lb.reload(&keep_ports(&lb, &same, &["test"]));
+    assert!(outcome.contains("config reloaded"), "{outcome}");
+    for _ in 0..10 {
+        assert_eq!(who(lb.addr()).await.unwrap(), "b", "still drained after a reload");
+    }
 
     let (ok, table) = ctl(&lb, &["status"]);
     assert!(ok);

@@ -82,6 +82,28 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+type Labels = Vec<(&'static str, String)>;
+
+/// Samples per listener: `values` gives each listener's (label value, value) pairs; with
+/// an empty `label` there is one pair and no extra label.
+fn by_listener<S>(
+    list: &[(String, Arc<S>)],
+    label: &'static str,
+    values: impl Fn(&S) -> Vec<(&'static str, u64)>,
+) -> Vec<(Labels, u64)> {
+    list.iter()
+        .flat_map(|(name, service)| {
+            values(service).into_iter().map(move |(key, value)| {
+                let mut labels = vec![("listener", name.clone())];
+                if !label.is_empty() {
+                    labels.push((label, key.to_string()));
+                }
+                (labels, value)
+            })
+        })
+        .collect()
+}
+
 /// One metric family: a descriptor and its samples, each a label set and a value.
 fn family<L: prometheus_client::encoding::EncodeLabelSet>(
     encoder: &mut DescriptorEncoder<'_>,
@@ -121,82 +143,57 @@ impl Collector for L4lbCollector {
                 Service::Tcp(_) => None,
             })
             .collect();
-        let listener = |n: &String| vec![("listener", n.clone())];
+        let one = |v: u64| vec![("", v)];
+        let in_out = |i: &AtomicU64, o: &AtomicU64| vec![("in", get(i)), ("out", get(o))];
+        let counter = MetricType::Counter;
+        let gauge = MetricType::Gauge;
 
         family(
             e,
             "l4lb_listener_connections",
             "TCP connections accepted.",
-            MetricType::Counter,
-            &tcp.iter()
-                .map(|(n, s)| (listener(n), get(&s.stats.accepted)))
-                .collect::<Vec<_>>(),
+            counter,
+            &by_listener(&tcp, "", |s| one(get(&s.stats.accepted))),
         )?;
         family(
             e,
             "l4lb_listener_connections_active",
             "TCP connections open now.",
-            MetricType::Gauge,
-            &tcp.iter()
-                .map(|(n, s)| (listener(n), s.limit.active() as u64))
-                .collect::<Vec<_>>(),
+            gauge,
+            &by_listener(&tcp, "", |s| one(s.limit.active() as u64)),
         )?;
-        let mut rejected = Vec::new();
-        for (n, s) in &tcp {
-            for (reason, v) in [
-                ("denied", get(&s.stats.rejected_denied)),
-                ("max_connections", get(&s.stats.rejected_limit)),
-                ("no_backend", get(&s.stats.rejected_no_backend)),
-            ] {
-                rejected.push((
-                    vec![("listener", n.clone()), ("reason", reason.to_string())],
-                    v,
-                ));
-            }
-        }
         family(
             e,
             "l4lb_listener_rejected",
             "TCP connections refused or closed without a backend, by reason.",
-            MetricType::Counter,
-            &rejected,
+            counter,
+            &by_listener(&tcp, "reason", |s| {
+                vec![
+                    ("denied", get(&s.stats.rejected_denied)),
+                    ("max_connections", get(&s.stats.rejected_limit)),
+                    ("no_backend", get(&s.stats.rejected_no_backend)),
+                ]
+            }),
         )?;
-        let mut bytes = Vec::new();
-        for (n, s) in &tcp {
-            bytes.push((
-                vec![("listener", n.clone()), ("direction", "in".to_string())],
-                get(&s.stats.bytes_in),
-            ));
-            bytes.push((
-                vec![("listener", n.clone()), ("direction", "out".to_string())],
-                get(&s.stats.bytes_out),
-            ));
-        }
-        for (n, s) in &udp {
-            bytes.push((
-                vec![("listener", n.clone()), ("direction", "in".to_string())],
-                get(&s.stats.bytes_in),
-            ));
-            bytes.push((
-                vec![("listener", n.clone()), ("direction", "out".to_string())],
-                get(&s.stats.bytes_out),
-            ));
-        }
+        let mut bytes = by_listener(&tcp, "direction", |s| {
+            in_out(&s.stats.bytes_in, &s.stats.bytes_out)
+        });
+        bytes.extend(by_listener(&udp, "direction", |s| {
+            in_out(&s.stats.bytes_in, &s.stats.bytes_out)
+        }));
         family(
             e,
             "l4lb_bytes",
             "Bytes relayed: in = client to backend, out = backend to client.",
-            MetricType::Counter,
+            counter,
             &bytes,
         )?;
         family(
             e,
             "l4lb_spliced_bytes",
             "Bytes (both ways) moved by splice, never through user space.",
-            MetricType::Counter,
-            &tcp.iter()
-                .map(|(n, s)| (listener(n), get(&s.stats.spliced_bytes)))
-                .collect::<Vec<_>>(),
+            counter,
+            &by_listener(&tcp, "", |s| one(get(&s.stats.spliced_bytes))),
         )?;
 
         // UDP.
@@ -204,66 +201,46 @@ impl Collector for L4lbCollector {
             e,
             "l4lb_udp_flows_active",
             "UDP flows now.",
-            MetricType::Gauge,
-            &udp.iter()
-                .map(|(n, s)| (listener(n), get(&s.stats.flows_active)))
-                .collect::<Vec<_>>(),
+            gauge,
+            &by_listener(&udp, "", |s| one(get(&s.stats.flows_active))),
         )?;
         family(
             e,
             "l4lb_udp_flows",
             "UDP flows created.",
-            MetricType::Counter,
-            &udp.iter()
-                .map(|(n, s)| (listener(n), get(&s.stats.flows_created)))
-                .collect::<Vec<_>>(),
+            counter,
+            &by_listener(&udp, "", |s| one(get(&s.stats.flows_created))),
         )?;
         family(
             e,
             "l4lb_udp_flows_evicted",
             "UDP flows evicted (max_flows, or out of descriptors).",
-            MetricType::Counter,
-            &udp.iter()
-                .map(|(n, s)| (listener(n), get(&s.stats.flows_evicted)))
-                .collect::<Vec<_>>(),
+            counter,
+            &by_listener(&udp, "", |s| one(get(&s.stats.flows_evicted))),
         )?;
-        let mut datagrams = Vec::new();
-        let mut dropped = Vec::new();
-        for (n, s) in &udp {
-            datagrams.push((
-                vec![("listener", n.clone()), ("direction", "in".to_string())],
-                get(&s.stats.datagrams_in),
-            ));
-            datagrams.push((
-                vec![("listener", n.clone()), ("direction", "out".to_string())],
-                get(&s.stats.datagrams_out),
-            ));
-            for (reason, v) in [
-                ("no_backend", get(&s.stats.dropped_no_backend)),
-                ("denied", get(&s.stats.dropped_denied)),
-                ("no_socket", get(&s.stats.dropped_no_socket)),
-                ("unreachable", get(&s.stats.dropped_unreachable)),
-                ("busy", get(&s.stats.dropped_busy)),
-            ] {
-                dropped.push((
-                    vec![("listener", n.clone()), ("reason", reason.to_string())],
-                    v,
-                ));
-            }
-        }
         family(
             e,
             "l4lb_udp_datagrams",
             "UDP datagrams relayed: in = client to backend, out = backend to client.",
-            MetricType::Counter,
-            &datagrams,
+            counter,
+            &by_listener(&udp, "direction", |s| {
+                in_out(&s.stats.datagrams_in, &s.stats.datagrams_out)
+            }),
         )?;
         family(
             e,
             "l4lb_udp_dropped",
             "UDP datagrams dropped, by reason.",
-            MetricType::Counter,
-            &dropped,
+            counter,
+            &by_listener(&udp, "reason", |s| {
+                vec![
+                    ("no_backend", get(&s.stats.dropped_no_backend)),
+                    ("denied", get(&s.stats.dropped_denied)),
+                    ("no_socket", get(&s.stats.dropped_no_socket)),
+                    ("unreachable", get(&s.stats.dropped_unreachable)),
+                    ("busy", get(&s.stats.dropped_busy)),
+                ]
+            }),
         )?;
 
         // Backends.
