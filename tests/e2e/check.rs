@@ -138,6 +138,10 @@ fn extreme_values_are_refused_with_their_range() {
             "admin_token: must be at least 16 characters",
         ),
         (
+            BASE.replace("name: web, bind", "name: \"web/1\", bind"),
+            "listeners[0].name: \"web/1\" is not a name",
+        ),
+        (
             format!("admin: \"localhost:9900\"\n{BASE}"),
             "admin: invalid socket address \"localhost:9900\"",
         ),

@@ -502,7 +502,11 @@ async fn drain_through_the_api_and_ctl_keeps_live_connections() {
     let outcome = lb.reload(&keep_ports(&lb, &same, &["test"]));
     assert!(outcome.contains("config reloaded"), "{outcome}");
     for _ in 0..10 {
-        assert_eq!(who(lb.addr()).await.unwrap(), "b", "still drained after a reload");
+        assert_eq!(
+            who(lb.addr()).await.unwrap(),
+            "b",
+            "still drained after a reload"
+        );
     }
 
     let (ok, table) = ctl(&lb, &["status"]);
@@ -610,6 +614,12 @@ async fn ready_turns_503_at_sigterm_while_connections_drain() {
         200,
         "still alive while draining"
     );
+    let (status, body) = http(admin, "POST", "/reload", "", None).await;
+    assert_eq!(
+        status, 400,
+        "nothing starts serving again once stopping: {body}"
+    );
+    assert!(body.contains("stopping"), "{body}");
     drop(live);
 }
 
@@ -704,4 +714,48 @@ async fn the_access_log_can_be_off() {
     assert!(lb
         .logs_matching(|l| l.contains("connection closed"))
         .is_empty());
+}
+
+/// A UDP echo on 127.0.0.1 that prefixes its name.
+async fn udp_named(name: u8) -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = vec![name];
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+async fn ask_udp(client: &UdpSocket, to: SocketAddr) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    client.send_to(b"x", to).await.unwrap();
+    let (n, _) = tokio::time::timeout(PATIENCE, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    buf[..n].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_moves_off_a_backend_the_reload_removed() {
+    let a = udp_named(b'a').await;
+    let b = udp_named(b'b').await;
+    let config = |backend: SocketAddr, bind: &str| {
+        format!("workers: 1\nlisteners:\n  - {{ name: u, bind: \"{bind}\", protocol: udp, pool: p }}\npools:\n  - name: p\n    backends: [ {{ address: \"{backend}\" }} ]\n")
+    };
+    let lb = Balancer::start(&config(a, "127.0.0.1:0"));
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(ask_udp(&client, lb.addr()).await, b"ax");
+    let outcome = lb.reload(&config(b, &lb.addr().to_string()));
+    assert!(outcome.contains("config reloaded"), "{outcome}");
+    assert_eq!(
+        ask_udp(&client, lb.addr()).await,
+        b"bx",
+        "the same client's next datagram goes to the new backend"
+    );
 }

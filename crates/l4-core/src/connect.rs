@@ -67,14 +67,12 @@ pub async fn connect(
     .map_err(ConnectError::Io)?;
     socket.set_nodelay(true).map_err(ConnectError::Io)?;
     if let Some(source) = source {
-        // IPv4 only in the kernel's option; IPv6 sockets bind the port at once instead.
-        if source.is_ipv4() {
-            let _ = nix::sys::socket::setsockopt(
-                &socket,
-                nix::sys::socket::sockopt::IpBindAddressNoPort,
-                &true,
-            );
-        }
+        // An IPPROTO_IP option that IPv6 sockets honour as well (inet6_bind reads it).
+        let _ = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        );
         socket
             .bind(SocketAddr::new(source, 0))
             .map_err(ConnectError::Io)?;

@@ -116,6 +116,19 @@ impl<V> FlowTable<V> {
         self.flows.pop(client).map(|e| e.value)
     }
 
+    /// Removes and returns every flow for which `pred` holds.
+    pub fn remove_where(&mut self, pred: impl Fn(&V) -> bool) -> Vec<(SocketAddr, V)> {
+        let keys: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, e)| pred(&e.value))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.flows.pop(&k).map(|e| (k, e.value)))
+            .collect()
+    }
+
     /// Removes the least recently used flow (to free its resources for a new one).
     pub fn pop_oldest(&mut self) -> Option<(SocketAddr, V)> {
         self.flows.pop_lru().map(|(k, e)| (k, e.value))

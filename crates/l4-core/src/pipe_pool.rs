@@ -65,6 +65,16 @@ pub(crate) enum NoPipe {
 
 /// Takes a free pipe, or creates one if this worker has fewer than `max`.
 pub(crate) fn take(max: usize) -> Result<PooledPipe, NoPipe> {
+    // Over the cap (a reload lowered it): close pooled pipes until under it.
+    while ALIVE.with(Cell::get) > max {
+        if FREE.with(|free| free.borrow_mut().pop()).is_none() {
+            break;
+        }
+        ALIVE.with(|alive| alive.set(alive.get().saturating_sub(1)));
+    }
+    if ALIVE.with(Cell::get) > max {
+        return Err(NoPipe::Cap(max));
+    }
     if let Some(pipe) = FREE.with(|free| free.borrow_mut().pop()) {
         return Ok(PooledPipe(Some(pipe)));
     }

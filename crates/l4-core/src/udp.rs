@@ -464,6 +464,17 @@ impl Worker {
             self.table
                 .set_limits(self.service.max_flows_per_worker, self.service.idle_timeout);
             self.ports.set_sources(self.service.sources.clone());
+            // Flows whose backend the reload removed move on their next datagram: UDP
+            // has no end to wait for, and nothing probes a removed backend any more.
+            let snapshot = self.service.pool.snapshot();
+            let kept: std::collections::HashSet<*const BackendState> =
+                snapshot.backends().map(|b| Arc::as_ptr(&b.state)).collect();
+            let gone = self
+                .table
+                .remove_where(|flow| !kept.contains(&Arc::as_ptr(flow.backend.state())));
+            for (client, flow) in gone {
+                self.end(client, flow, FlowEnd::BackendDown);
+            }
         }
     }
 

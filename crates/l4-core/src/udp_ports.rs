@@ -58,8 +58,10 @@ pub(crate) struct PortBook {
     /// Configured source addresses; empty means the wildcard of the backend's family.
     sources: Vec<IpAddr>,
     next_source: usize,
-    /// Local addresses held by at least one flow socket, for reuse scans.
+    /// Local addresses held by at least one flow socket, for reuse scans, and where each
+    /// stands in that list (so a release is O(1)).
     held: Vec<SocketAddr>,
+    held_at: HashMap<SocketAddr, usize>,
     users: HashMap<SocketAddr, u32>,
     /// (local, backend) pairs with an open socket.
     taken: HashSet<(SocketAddr, SocketAddr)>,
@@ -75,6 +77,7 @@ impl PortBook {
             sources,
             next_source: 0,
             held: Vec::new(),
+            held_at: HashMap::new(),
             users: HashMap::new(),
             taken: HashSet::new(),
             cursor: 0,
@@ -99,7 +102,17 @@ impl PortBook {
     /// connected to it.
     pub(crate) fn open(&mut self, backend: SocketAddr) -> io::Result<FlowSocket> {
         self.collect_released();
-        let same_family = |local: &SocketAddr| local.is_ipv4() == backend.is_ipv4();
+        // A held port qualifies if it is of the backend's family and from a source the
+        // config still has (a reload may have removed one).
+        let sources = &self.sources;
+        let same_family = |local: &SocketAddr| {
+            local.is_ipv4() == backend.is_ipv4()
+                && if sources.is_empty() {
+                    local.ip().is_unspecified()
+                } else {
+                    sources.contains(&local.ip())
+                }
+        };
         // 1. A port this worker holds that is not paired with `backend` yet.
         let scan = SCAN.min(self.held.len());
         for _ in 0..scan {
@@ -154,6 +167,7 @@ impl PortBook {
         self.taken.insert((local, backend));
         let users = self.users.entry(local).or_insert(0);
         if *users == 0 {
+            self.held_at.insert(local, self.held.len());
             self.held.push(local);
         }
         *users += 1;
@@ -175,8 +189,11 @@ impl PortBook {
                 *users -= 1;
                 if *users == 0 {
                     self.users.remove(&local);
-                    if let Some(i) = self.held.iter().position(|&l| l == local) {
+                    if let Some(i) = self.held_at.remove(&local) {
                         self.held.swap_remove(i);
+                        if let Some(&moved) = self.held.get(i) {
+                            self.held_at.insert(moved, i);
+                        }
                     }
                 }
             }

@@ -36,11 +36,28 @@ pub(crate) struct Admin {
     pub(crate) registry: Registry,
 }
 
-/// Serves admin requests on `listener` until the task is dropped.
+/// Admin connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves admin requests on `listener` until the task is dropped. Bounded: at most
+/// [`MAX_CONNECTIONS`] at once, each with [`HEADER_TIMEOUT`] to send its headers, so an
+/// unauthenticated peer cannot hold the control thread's descriptors.
 pub(crate) async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, most likely: accepting again at once would spin.
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
@@ -49,13 +66,22 @@ pub(crate) async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 async move { Ok::<_, Infallible>(handle(&admin, req, peer).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 debug!(error = %e, "admin connection ended");
             }
+            drop(slot);
         });
     }
+}
+
+/// Compares without stopping at the first differing byte, so response times do not
+/// tell how much of a guessed token was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -86,11 +112,8 @@ fn lock(admin: &Admin) -> std::sync::MutexGuard<'_, Control> {
 async fn handle(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Reply {
     if let Some(token) = &admin.token {
         let expected = format!("Bearer {token}");
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if given != Some(expected.as_str()) {
+        let given = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+        if !given.is_some_and(|g| same_secret(g, expected.as_bytes())) {
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
     }

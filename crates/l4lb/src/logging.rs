@@ -26,7 +26,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// second at most).
 pub struct Logging {
     _guards: Vec<WorkerGuard>,
-    dropped: ErrorCounter,
+    dropped: Vec<ErrorCounter>,
     reopen: Arc<AtomicBool>,
 }
 
@@ -36,7 +36,7 @@ pub struct Logging {
 /// `access` says, whatever the log level.
 pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
     let (stderr, stderr_guard) = non_blocking(std::io::stderr());
-    let dropped = stderr.error_counter();
+    let mut dropped = vec![stderr.error_counter()];
     let mut guards = vec![stderr_guard];
     let reopen = Arc::new(AtomicBool::new(false));
     let ansi = std::io::stderr().is_terminal();
@@ -59,6 +59,7 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
             let file = ReopenableFile::open(path.clone(), Arc::clone(&reopen))?;
             let (writer, guard) = non_blocking(file);
             guards.push(guard);
+            dropped.push(writer.error_counter());
             Some(writer)
         }
     };
@@ -129,9 +130,23 @@ fn non_blocking<W: Write + Send + 'static>(
 }
 
 impl Logging {
-    /// Log lines dropped so far because the writer could not keep up.
-    pub fn dropped(&self) -> ErrorCounter {
+    /// Counters of log lines dropped because a writer could not keep up (the log's and,
+    /// with a file, the access log's).
+    pub fn dropped(&self) -> Vec<ErrorCounter> {
         self.dropped.clone()
+    }
+
+    /// Flushes what is queued, waiting a second at most: a writer stuck behind a full
+    /// pipe must not keep the process from exiting (after a second signal above all).
+    pub fn finish(self) {
+        let (done, flushed) = std::sync::mpsc::channel();
+        let flusher = std::thread::spawn(move || {
+            drop(self);
+            let _ = done.send(());
+        });
+        if flushed.recv_timeout(Duration::from_secs(1)).is_ok() {
+            let _ = flusher.join();
+        }
     }
 
     /// Set to make the access log file be reopened before its next line (SIGUSR1).
@@ -179,13 +194,13 @@ impl Write for ReopenableFile {
 }
 
 /// Reports, every [`REPORT_EVERY`], how many lines were dropped since the last report.
-pub async fn report_dropped(dropped: ErrorCounter) {
+pub async fn report_dropped(dropped: Vec<ErrorCounter>) {
     let mut reported = 0;
     let mut every = tokio::time::interval(REPORT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let now = dropped.dropped_lines();
+        let now: usize = dropped.iter().map(ErrorCounter::dropped_lines).sum();
         if now > reported {
             tracing::warn!(
                 dropped = now - reported,

@@ -108,6 +108,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    drop(logging); // flushes the queued lines
+    logging.finish();
     code
 }

@@ -189,8 +189,7 @@ impl Validator {
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let path = format!("listeners[{i}]");
-            if l.name.trim().is_empty() {
-                self.error(format!("{path}.name"), "must not be empty");
+            if !self.name(&format!("{path}.name"), &l.name) {
             } else if !names.insert(l.name.as_str()) {
                 self.error(
                     format!("{path}.name"),
@@ -457,6 +456,23 @@ impl Validator {
         }
     }
 
+    /// A listener or pool name: it appears in metric labels and admin URLs, so letters,
+    /// digits, `.`, `_` and `-` only, 1 to 64 of them. Returns whether it is one.
+    fn name(&mut self, path: &str, name: &str) -> bool {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            self.error(
+                path,
+                format!("{name:?} is not a name: 1 to 64 letters, digits, '.', '_' or '-'"),
+            );
+        }
+        ok
+    }
+
     fn access_log(&mut self, raw: Option<&RawLog>) -> AccessLog {
         let Some(raw) = raw else {
             return AccessLog::default();
@@ -674,8 +690,7 @@ impl Validator {
         let mut pools = Vec::new();
         for (i, p) in raw.iter().enumerate() {
             let path = format!("pools[{i}]");
-            if p.name.trim().is_empty() {
-                self.error(format!("{path}.name"), "must not be empty");
+            if !self.name(&format!("{path}.name"), &p.name) {
             } else if !names.insert(p.name.as_str()) {
                 self.error(
                     format!("{path}.name"),

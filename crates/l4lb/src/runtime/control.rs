@@ -61,6 +61,9 @@ pub(crate) enum ReloadError {
     /// The file is not a valid config.
     #[error("invalid config: {}", .0.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid(ConfigErrors),
+    /// l4lb is stopping: nothing changes any more.
+    #[error("l4lb is stopping")]
+    Stopping,
     /// Valid, but could not be applied (an address that cannot be bound).
     #[error("{0:#}")]
     Apply(anyhow::Error),
@@ -99,6 +102,8 @@ pub(crate) struct Control {
     fatal: CancellationToken,
     drain_timeout_ms: Arc<AtomicU64>,
     pub(crate) reloads: Arc<ReloadStats>,
+    /// Set by `stop`: from then on nothing may start serving again.
+    stopping: bool,
 }
 
 fn unix_now() -> u64 {
@@ -128,6 +133,7 @@ impl Control {
             fatal,
             drain_timeout_ms: Arc::new(AtomicU64::new(0)),
             reloads: Arc::new(ReloadStats::default()),
+            stopping: false,
         };
         control.apply(config)?;
         control
@@ -159,16 +165,23 @@ impl Control {
     }
 
     fn try_reload(&mut self) -> Result<Changes, ReloadError> {
+        if self.stopping {
+            return Err(ReloadError::Stopping);
+        }
         let text = std::fs::read_to_string(&self.path).map_err(|error| ReloadError::Read {
             path: self.path.display().to_string(),
             error,
         })?;
-        let config = config::parse(&text).map_err(ReloadError::Invalid)?;
+        let mut config = config::parse(&text).map_err(ReloadError::Invalid)?;
         if config.admin != self.config.admin
             || config.admin_token != self.config.admin_token
             || config.access_log != self.config.access_log
         {
             tracing::warn!("admin, admin_token and log take effect at start: the running ones stay until a restart");
+            // Keep what runs, so the next reload compares against it too.
+            config.admin = self.config.admin;
+            config.admin_token = self.config.admin_token.clone();
+            config.access_log = self.config.access_log.clone();
         }
         self.apply(config).map_err(ReloadError::Apply)
     }
@@ -204,27 +217,54 @@ impl Control {
             }
         }
 
-        // 2. Pools: same name -> new snapshot carrying states; new -> new pool.
-        let mut pools = BTreeMap::new();
+        // 2. Everything else that can fail, before anything changes: every pool's new
+        //    snapshot, and the workers to add.
+        let mut snapshots = Vec::new();
         for p in &new.pools {
+            let old = self.pools.get(&p.name).map(|e| &e.pool);
+            snapshots.push((p, build_snapshot(p, old)?));
+        }
+        let mut spawned = Vec::new();
+        for index in self.next_worker..self.next_worker + adding {
+            match Worker::spawn(
+                index,
+                self.fatal.clone(),
+                Arc::clone(&self.drain_timeout_ms),
+            ) {
+                Ok(worker) => spawned.push(worker),
+                Err(e) => {
+                    spawned.iter().for_each(|w: &Worker| w.stop.cancel());
+                    return Err(e);
+                }
+            }
+        }
+        self.next_worker += adding;
+
+        // 3. Pools: same name -> the new snapshot, states carried; new -> a new pool.
+        //    Health checks restart only where the pool changed.
+        let mut pools = BTreeMap::new();
+        for (p, snapshot) in snapshots {
             let entry = match self.pools.remove(&p.name) {
                 Some(old) => {
-                    if old.config != *p {
-                        changes.pools_changed.push(p.name.clone());
-                    }
-                    let snapshot = build_snapshot(p, Some(&old.pool))?;
                     old.pool.publish(snapshot);
+                    let checks = if old.config == *p {
+                        old.checks
+                    } else {
+                        changes.pools_changed.push(p.name.clone());
+                        old.checks.cancel();
+                        start_checks(&old.pool, p)
+                    };
                     PoolEntry {
                         pool: old.pool,
                         config: p.clone(),
-                        checks: old.checks,
+                        checks,
                     }
                 }
                 None => {
                     changes.pools_added.push(p.name.clone());
-                    let pool = Arc::new(Pool::new(p.name.clone(), build_snapshot(p, None)?));
+                    let pool = Arc::new(Pool::new(p.name.clone(), snapshot));
                     PoolEntry {
-                        checks: CancellationToken::new(),
+                        checks: start_checks(&pool, p),
                         pool,
                         config: p.clone(),
                     }
@@ -236,26 +276,14 @@ impl Control {
             changes.pools_removed.push(name);
             old.checks.cancel();
         }
-        for entry in pools.values_mut() {
-            entry.checks.cancel();
-            entry.checks = start_checks(&entry.pool, &entry.config);
-        }
         self.pools = pools;
         self.drain_timeout_ms.store(
             u64::try_from(new.drain_timeout.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
 
-        // 3. Workers: add, or retire from the end.
-        while self.workers.len() < new.workers {
-            let worker = Worker::spawn(
-                self.next_worker,
-                self.fatal.clone(),
-                Arc::clone(&self.drain_timeout_ms),
-            )?;
-            self.next_worker += 1;
-            self.workers.push(worker);
-        }
+        // Workers: add the spawned ones, or retire from the end.
+        self.workers.extend(spawned);
         while self.workers.len() > new.workers {
             let Some(mut worker) = self.workers.pop() else {
                 break;
@@ -268,6 +296,12 @@ impl Control {
                 self.retired.push(thread);
             }
         }
+        // Join the retired workers that have finished draining.
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        done.into_iter().for_each(|t| drop(t.join()));
+        self.retired = running;
 
         // 4. Listeners: same address -> new service; new or moved -> serve the fresh
         //    sockets; gone -> stop (their live connections finish).
@@ -339,6 +373,7 @@ impl Control {
 
     /// Every worker stops accepting and drains; returns the threads to join.
     pub(crate) fn stop(&mut self) -> Vec<JoinHandle<()>> {
+        self.stopping = true;
         for entry in self.pools.values() {
             entry.checks.cancel();
         }
@@ -364,6 +399,9 @@ impl Control {
         backend: SocketAddr,
         weight: u32,
     ) -> Result<()> {
+        if self.stopping {
+            return Err(anyhow!("l4lb is stopping"));
+        }
         let entry = self
             .pools
             .get_mut(pool)

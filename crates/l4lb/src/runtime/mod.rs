@@ -28,7 +28,7 @@ use control::{Control, Service};
 pub fn run(
     path: PathBuf,
     config: Config,
-    dropped_logs: ErrorCounter,
+    dropped_logs: Vec<ErrorCounter>,
     reopen_access_log: Arc<AtomicBool>,
 ) -> Result<()> {
     match l4_core::sys::raise_nofile_limit() {
@@ -65,7 +65,7 @@ pub fn run(
 async fn control_loop(
     path: PathBuf,
     config: Config,
-    dropped_logs: ErrorCounter,
+    dropped_logs: Vec<ErrorCounter>,
     reopen_access_log: Arc<AtomicBool>,
     fatal: CancellationToken,
 ) -> Result<()> {
