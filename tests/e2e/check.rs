@@ -138,6 +138,14 @@ fn extreme_values_are_refused_with_their_range() {
             "admin_token: must be at least 16 characters",
         ),
         (
+            listener("max_connections_per_source: 0"),
+            "listeners[0].max_connections_per_source: 0 is outside 1..=10000000",
+        ),
+        (
+            listener("max_new_flows_per_second_per_source: 5"),
+            "listeners[0].max_new_flows_per_second_per_source: max_new_flows_per_second_per_source applies to udp listeners only",
+        ),
+        (
             BASE.replace("name: web, bind", "name: \"web/1\", bind"),
             "listeners[0].name: \"web/1\" is not a name",
         ),

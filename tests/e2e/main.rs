@@ -9,6 +9,7 @@ mod check;
 mod failover;
 mod hardening;
 mod health;
+mod limits;
 mod netns;
 mod operations;
 mod peers;

@@ -12,6 +12,7 @@ pub mod listener;
 mod pipe_pool;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod source_limit;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tcp;

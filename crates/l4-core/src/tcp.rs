@@ -21,6 +21,7 @@ use crate::admission::{AccessList, ConnectionLimit};
 use crate::connect::connect;
 use crate::proxy_protocol::{self, ProxyProtocol, Transport};
 use crate::relay::{relay, RelayOptions};
+use crate::source_limit::{now_second, ConcurrentPerSource, RatePerSource};
 
 /// Everything a TCP listener needs to serve a connection. Shared by all its workers.
 #[derive(Debug)]
@@ -52,6 +53,10 @@ pub struct TcpService {
     pub next_source: AtomicUsize,
     /// Counters, carried across reloads.
     pub stats: Arc<TcpStats>,
+    /// `max_connections_per_source`, if set.
+    pub per_source: Option<Arc<ConcurrentPerSource>>,
+    /// `max_new_connections_per_second_per_source`, if set.
+    pub rate_per_source: Option<Arc<RatePerSource>>,
 }
 
 impl TcpService {
@@ -80,6 +85,10 @@ pub struct TcpStats {
     pub rejected_limit: AtomicU64,
     /// Closed because no backend could be reached.
     pub rejected_no_backend: AtomicU64,
+    /// Refused by `max_connections_per_source`.
+    pub rejected_per_source: AtomicU64,
+    /// Refused by `max_new_connections_per_second_per_source`.
+    pub rejected_per_source_rate: AtomicU64,
     /// Bytes client -> backend.
     pub bytes_in: AtomicU64,
     /// Bytes backend -> client.
@@ -179,6 +188,24 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
         debug!("rejected by access list");
         return;
     }
+    if let Some(rate) = &service.rate_per_source {
+        if !rate.admit(peer.ip(), now_second()) {
+            bump(&service.stats.rejected_per_source_rate, 1);
+            debug!("rejected: max_new_connections_per_second_per_source reached");
+            return;
+        }
+    }
+    let _source_slot = match &service.per_source {
+        Some(table) => match table.try_acquire(peer.ip()) {
+            Some(slot) => Some(slot),
+            None => {
+                bump(&service.stats.rejected_per_source, 1);
+                debug!("rejected: max_connections_per_source reached");
+                return;
+            }
+        },
+        None => None,
+    };
     let Some(_slot) = service.limit.try_acquire() else {
         bump(&service.stats.rejected_limit, 1);
         debug!("rejected: max_connections reached");

@@ -69,6 +69,8 @@ pub struct UdpStats {
     pub dropped_unreachable: AtomicU64,
     /// Dropped: a socket buffer was full.
     pub dropped_busy: AtomicU64,
+    /// Dropped: the source opened more new flows per second than allowed.
+    pub dropped_per_source_rate: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -80,7 +82,7 @@ impl fmt::Display for UdpStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "flows_active={} flows_created={} flows_evicted={} flows_expired={} datagrams_in={} bytes_in={} datagrams_out={} bytes_out={} dropped_no_backend={} dropped_denied={} dropped_no_socket={} dropped_unreachable={} dropped_busy={}",
+            "flows_active={} flows_created={} flows_evicted={} flows_expired={} datagrams_in={} bytes_in={} datagrams_out={} bytes_out={} dropped_no_backend={} dropped_denied={} dropped_no_socket={} dropped_unreachable={} dropped_busy={} dropped_per_source_rate={}",
             g(&self.flows_active),
             g(&self.flows_created),
             g(&self.flows_evicted),
@@ -94,6 +96,7 @@ impl fmt::Display for UdpStats {
             g(&self.dropped_no_socket),
             g(&self.dropped_unreachable),
             g(&self.dropped_busy),
+            g(&self.dropped_per_source_rate),
         )
     }
 }
@@ -113,6 +116,8 @@ pub struct UdpService {
     /// Local addresses flow sockets bind to (empty: the wildcard); each adds a full range
     /// of local ports, which flows to different backends share.
     pub sources: Vec<IpAddr>,
+    /// `max_new_flows_per_second_per_source`, if set.
+    pub flow_rate_per_source: Option<Arc<crate::source_limit::RatePerSource>>,
     /// A flow ends after this long without a datagram either way.
     pub idle_timeout: Duration,
     /// Flows per worker at most (the listener's `max_flows` split over its workers).
@@ -363,6 +368,12 @@ impl Worker {
             local: self.flow_local(),
             protocol: Protocol::Udp,
         };
+        if let Some(rate) = &self.service.flow_rate_per_source {
+            if !rate.admit(client.ip(), crate::source_limit::now_second()) {
+                bump(&stats.dropped_per_source_rate, datagrams);
+                return false;
+            }
+        }
         // At the cap, the oldest flow goes before the new one opens its socket.
         if self.table.is_full() {
             self.evict_oldest();

@@ -172,6 +172,8 @@ impl Collector for L4lbCollector {
                     ("denied", get(&s.stats.rejected_denied)),
                     ("max_connections", get(&s.stats.rejected_limit)),
                     ("no_backend", get(&s.stats.rejected_no_backend)),
+                    ("per_source", get(&s.stats.rejected_per_source)),
+                    ("per_source_rate", get(&s.stats.rejected_per_source_rate)),
                 ]
             }),
         )?;
@@ -239,6 +241,7 @@ impl Collector for L4lbCollector {
                     ("no_socket", get(&s.stats.dropped_no_socket)),
                     ("unreachable", get(&s.stats.dropped_unreachable)),
                     ("busy", get(&s.stats.dropped_busy)),
+                    ("per_source_rate", get(&s.stats.dropped_per_source_rate)),
                 ]
             }),
         )?;

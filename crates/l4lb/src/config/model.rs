@@ -46,6 +46,8 @@ pub const RETRIES: RangeInclusive<u32> = 0..=16;
 pub const MAX_BACKENDS: usize = 10_000;
 /// Maglev lookup table sizes (prime, and at least 10 slots per backend).
 pub const TABLE_SIZE: RangeInclusive<u32> = 2..=1_000_003;
+/// Per-source limits (connections, or new connections or flows per second).
+pub const PER_SOURCE: RangeInclusive<u32> = 1..=10_000_000;
 /// Health `rise` and `fall`.
 pub const RISE_FALL: RangeInclusive<u32> = 1..=100;
 /// Local source addresses per pool.
@@ -159,6 +161,12 @@ pub struct Listener {
     pub relay: RelayMode,
     /// UDP: flows at most, across workers.
     pub max_flows: usize,
+    /// TCP: concurrent connections per source address at most.
+    pub max_connections_per_source: Option<u32>,
+    /// TCP: new connections per second per source address at most.
+    pub max_new_connections_per_second_per_source: Option<u32>,
+    /// UDP: new flows per second per source address at most.
+    pub max_new_flows_per_second_per_source: Option<u32>,
 }
 
 /// A validated pool.

@@ -55,6 +55,9 @@ pub(super) struct RawListener {
     pub(super) relay: Option<String>,
     pub(super) sni: Option<Vec<RawSniRoute>>,
     pub(super) max_flows: Option<usize>,
+    pub(super) max_connections_per_source: Option<u32>,
+    pub(super) max_new_connections_per_second_per_source: Option<u32>,
+    pub(super) max_new_flows_per_second_per_source: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -259,8 +259,16 @@ impl Validator {
                     "SNI routing is not available in this version yet",
                 );
             }
-            let tcp_only: [(&str, bool); 5] = [
+            let tcp_only: [(&str, bool); 7] = [
                 ("max_connections", l.max_connections.is_some()),
+                (
+                    "max_connections_per_source",
+                    l.max_connections_per_source.is_some(),
+                ),
+                (
+                    "max_new_connections_per_second_per_source",
+                    l.max_new_connections_per_second_per_source.is_some(),
+                ),
                 ("proxy_protocol", l.proxy_protocol.is_some()),
                 ("relay", l.relay.is_some()),
                 ("connect_timeout", l.connect_timeout.is_some()),
@@ -272,12 +280,40 @@ impl Validator {
                         self.error(format!("{path}.{key}"), "applies to tcp listeners only");
                     }
                 }
-            } else if l.max_flows.is_some() {
-                self.error(
-                    format!("{path}.max_flows"),
-                    "max_flows applies to udp listeners only",
-                );
+            } else {
+                for (key, set) in [
+                    ("max_flows", l.max_flows.is_some()),
+                    (
+                        "max_new_flows_per_second_per_source",
+                        l.max_new_flows_per_second_per_source.is_some(),
+                    ),
+                ] {
+                    if set {
+                        self.error(
+                            format!("{path}.{key}"),
+                            format!("{key} applies to udp listeners only"),
+                        );
+                    }
+                }
             }
+            let per_source = |v: &mut Self, key: &str, value: Option<u32>| {
+                value.map(|n| v.number(&format!("{path}.{key}"), Some(n), PER_SOURCE, 1))
+            };
+            let max_connections_per_source = per_source(
+                &mut self,
+                "max_connections_per_source",
+                l.max_connections_per_source,
+            );
+            let max_new_connections_per_second_per_source = per_source(
+                &mut self,
+                "max_new_connections_per_second_per_source",
+                l.max_new_connections_per_second_per_source,
+            );
+            let max_new_flows_per_second_per_source = per_source(
+                &mut self,
+                "max_new_flows_per_second_per_source",
+                l.max_new_flows_per_second_per_source,
+            );
             let max_flows = self.number(
                 &format!("{path}.max_flows"),
                 l.max_flows,
@@ -360,6 +396,9 @@ impl Validator {
                     retries,
                     relay,
                     max_flows,
+                    max_connections_per_source,
+                    max_new_connections_per_second_per_source,
+                    max_new_flows_per_second_per_source,
                 });
             }
         }

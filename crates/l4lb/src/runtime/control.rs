@@ -19,6 +19,7 @@ use l4_balance::{Pool, PoolSnapshot};
 use l4_core::admission::ConnectionLimit;
 use l4_core::listener::{bind_tcp, bind_udp};
 use l4_core::relay::RelayOptions;
+use l4_core::source_limit::{ConcurrentPerSource, RatePerSource};
 use l4_core::tcp::{SharedTcpService, TcpService, TcpStats};
 use l4_core::udp::{SharedUdpService, UdpService, UdpStats};
 use l4_health::spawn_checks;
@@ -513,6 +514,25 @@ fn publish_service(
                     ConnectionLimit::new(l.max_connections),
                 ),
             };
+            // Per-source tables carry over too: live connections hold counts in them.
+            let per_source = l.max_connections_per_source.map(|max| {
+                match previous.as_ref().and_then(|p| p.per_source.clone()) {
+                    Some(table) => {
+                        table.set_max(max);
+                        table
+                    }
+                    None => ConcurrentPerSource::new(max),
+                }
+            });
+            let rate_per_source = l.max_new_connections_per_second_per_source.map(|rate| {
+                match previous.as_ref().and_then(|p| p.rate_per_source.clone()) {
+                    Some(table) => {
+                        table.set_rate(rate);
+                        table
+                    }
+                    None => RatePerSource::new(rate),
+                }
+            });
             let service = TcpService {
                 name: Arc::from(l.name.as_str()),
                 bind: l.bind,
@@ -530,6 +550,8 @@ fn publish_service(
                 sources: pool.config.source.clone(),
                 next_source: AtomicUsize::new(0),
                 stats,
+                per_source,
+                rate_per_source,
             };
             match (old, reuse) {
                 (Some(Service::Tcp(shared)), true) => {
@@ -549,6 +571,9 @@ fn publish_service(
                 bind: l.bind,
                 pool: Arc::clone(&pool.pool),
                 sources: pool.config.source.clone(),
+                flow_rate_per_source: l
+                    .max_new_flows_per_second_per_source
+                    .map(RatePerSource::new),
                 idle_timeout: l.idle_timeout,
                 max_flows_per_worker: l.max_flows.div_ceil(config.workers.max(1)),
                 access: l.access.clone(),
