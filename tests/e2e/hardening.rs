@@ -298,14 +298,7 @@ fn two_sources_double_the_ports_for_one_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_new_flow_is_served_on_its_first_datagram() {
-    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
+    let echo_addr = udp_echo().await;
     let text = format!("workers: 1\nlisteners:\n  - {{ name: u, bind: \"127.0.0.1:0\", protocol: udp, pool: p }}\npools:\n  - name: p\n    backends: [{{ address: \"{echo_addr}\" }}]\n");
     let lb = Balancer::start_with(
         &text,

@@ -411,6 +411,19 @@ pub async fn echo_backend() -> SocketAddr {
     .await
 }
 
+/// A UDP backend on 127.0.0.1 that echoes every datagram to its sender.
+pub async fn udp_echo() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
 /// Connects through the balancer and reads everything the backend says.
 pub async fn fetch(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect(addr).await?;

@@ -76,14 +76,7 @@ async fn new_connections_per_second_are_limited_per_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_udp_flows_per_second_are_limited_per_source() {
-    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
+    let echo_addr = udp_echo().await;
     let lb = Balancer::start(&format!(
         "workers: 1\nlisteners:\n  - {{ name: u, bind: \"127.0.0.1:0\", protocol: udp, pool: p, max_new_flows_per_second_per_source: 3 }}\npools:\n  - name: p\n    backends: [ {{ address: \"{echo_addr}\" }} ]\n"
     ));

@@ -295,14 +295,7 @@ fn sample(text: &str, name_and_labels: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_count_what_was_sent() {
     let echo = echo_backend().await;
-    let udp_echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let udp_addr = udp_echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = udp_echo.recv_from(&mut buf).await {
-            let _ = udp_echo.send_to(&buf[..n], from).await;
-        }
-    });
+    let udp_addr = udp_echo().await;
     let config = format!(
         "workers: 2\nadmin: 127.0.0.1:0\nlisteners:\n  - {{ name: test, bind: \"127.0.0.1:0\", pool: p }}\n  - {{ name: dns, bind: \"127.0.0.1:0\", protocol: udp, pool: u }}\npools:\n  - name: p\n    backends: [ {{ address: \"{echo}\" }} ]\n  - name: u\n    backends: [ {{ address: \"{udp_addr}\" }} ]\n"
     );
