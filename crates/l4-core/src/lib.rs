@@ -22,3 +22,9 @@ mod udp_ports;
 /// The `tracing` target of the one event each connection or UDP flow ends with: the access
 /// log, which the binary routes to its own sink (`log.access`) whatever the log level.
 pub const ACCESS_LOG: &str = "access";
+
+/// Adds `n` to a statistics counter (relaxed: counters are read at scrape time only).
+#[inline]
+pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}

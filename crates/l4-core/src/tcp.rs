@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ACCESS_LOG;
+use crate::{bump, ACCESS_LOG};
 use arc_swap::ArcSwap;
 use l4_balance::{BackendHandle, FlowKey, Pool, Protocol, TimeMetric};
 use tokio::io::AsyncWriteExt;
@@ -95,10 +95,6 @@ pub struct TcpStats {
     pub bytes_out: AtomicU64,
     /// Bytes (both ways) moved by splice.
     pub spliced_bytes: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 /// The service of a listener as published: a reload swaps in a new one without touching

@@ -26,7 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 use crate::udp_ports::{FlowSocket, PortBook};
-use crate::ACCESS_LOG;
+use crate::{bump, ACCESS_LOG};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -71,10 +71,6 @@ pub struct UdpStats {
     pub dropped_busy: AtomicU64,
     /// Dropped: the source opened more new flows per second than allowed.
     pub dropped_per_source_rate: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 impl fmt::Display for UdpStats {
