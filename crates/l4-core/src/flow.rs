@@ -1,14 +1,15 @@
 //! The UDP flow table: a sans-io state machine. Time is passed in, nothing here touches a
 //! socket, so expiry and eviction are tested exactly, without sleeping.
 //!
-//! Flows are keyed by the client's address (the table is per listener and per worker, so
-//! the listener half of the key is implicit). The table is capped: inserting into a full
+//! Flows are keyed by the client (its address, and the upstream's when a PROXY header
+//! names the client; the table is per listener and per worker, so the listener half of
+//! the key is implicit). The table is capped: inserting into a full
 //! table evicts the least recently used flow, so a flood of new source ports can never
 //! grow it past `capacity` entries. A flow expires once `idle_timeout` has passed since
 //! its last activity, where activity is a client datagram (`get_mut`) or whatever the
 //! caller reports through `expire`'s `activity` (backend replies, counted elsewhere).
 
-use std::net::SocketAddr;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -47,13 +48,13 @@ impl FlowEnd {
 /// A capped, LRU-ordered table of flows with idle expiry. Memory grows with the flows
 /// present, never preallocated for the cap (a cap of millions costs nothing until used).
 #[derive(Debug)]
-pub struct FlowTable<V> {
-    flows: LruCache<SocketAddr, Entry<V>>,
+pub struct FlowTable<K: Hash + Eq, V> {
+    flows: LruCache<K, Entry<V>>,
     capacity: usize,
     idle_timeout: Duration,
 }
 
-impl<V> FlowTable<V> {
+impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
     /// A table of at most `capacity` flows (at least 1) expiring after `idle_timeout`.
     pub fn new(capacity: usize, idle_timeout: Duration) -> Self {
         FlowTable {
@@ -85,7 +86,7 @@ impl<V> FlowTable<V> {
     }
 
     /// The flow of `client`, marked as active at `now` (most recently used).
-    pub fn get_mut(&mut self, client: &SocketAddr, now: Instant) -> Option<&mut V> {
+    pub fn get_mut(&mut self, client: &K, now: Instant) -> Option<&mut V> {
         let entry = self.flows.get_mut(client)?;
         entry.last_seen = now;
         Some(&mut entry.value)
@@ -93,12 +94,7 @@ impl<V> FlowTable<V> {
 
     /// Inserts a new flow, active at `now`. Returns the flow that had to go: the previous
     /// flow of the same client, or, when the table was full, the least recently used one.
-    pub fn insert(
-        &mut self,
-        client: SocketAddr,
-        value: V,
-        now: Instant,
-    ) -> Option<(SocketAddr, V)> {
+    pub fn insert(&mut self, client: K, value: V, now: Instant) -> Option<(K, V)> {
         let entry = Entry {
             value,
             last_seen: now,
@@ -112,13 +108,13 @@ impl<V> FlowTable<V> {
     }
 
     /// Removes the flow of `client`.
-    pub fn remove(&mut self, client: &SocketAddr) -> Option<V> {
+    pub fn remove(&mut self, client: &K) -> Option<V> {
         self.flows.pop(client).map(|e| e.value)
     }
 
     /// Removes and returns every flow for which `pred` holds.
-    pub fn remove_where(&mut self, pred: impl Fn(&V) -> bool) -> Vec<(SocketAddr, V)> {
-        let keys: Vec<SocketAddr> = self
+    pub fn remove_where(&mut self, pred: impl Fn(&V) -> bool) -> Vec<(K, V)> {
+        let keys: Vec<K> = self
             .flows
             .iter()
             .filter(|(_, e)| pred(&e.value))
@@ -130,7 +126,7 @@ impl<V> FlowTable<V> {
     }
 
     /// Removes the least recently used flow (to free its resources for a new one).
-    pub fn pop_oldest(&mut self) -> Option<(SocketAddr, V)> {
+    pub fn pop_oldest(&mut self) -> Option<(K, V)> {
         self.flows.pop_lru().map(|(k, e)| (k, e.value))
     }
 
@@ -141,7 +137,7 @@ impl<V> FlowTable<V> {
         &mut self,
         now: Instant,
         activity: impl Fn(&V) -> Option<Instant>,
-    ) -> Vec<(SocketAddr, V)> {
+    ) -> Vec<(K, V)> {
         let mut expired = Vec::new();
         // Each step either removes the oldest flow or refreshes it to "now-ish", so the loop
         // ends after at most len() steps.
@@ -171,7 +167,7 @@ impl<V> FlowTable<V> {
     }
 
     /// Removes every flow (on shutdown).
-    pub fn drain(&mut self) -> Vec<(SocketAddr, V)> {
+    pub fn drain(&mut self) -> Vec<(K, V)> {
         let mut all = Vec::with_capacity(self.flows.len());
         while let Some((k, e)) = self.flows.pop_lru() {
             all.push((k, e.value));
@@ -183,6 +179,7 @@ impl<V> FlowTable<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn client(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 2], port))

@@ -5,13 +5,17 @@
 #![deny(unsafe_code)]
 
 pub mod admission;
+pub mod client_hello;
 pub mod connect;
 mod fault;
 pub mod flow;
 pub mod listener;
 mod pipe_pool;
+pub mod postgres;
+pub mod preread;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod sni_routes;
 pub mod source_limit;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -15,51 +15,41 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::admission::{AccessList, ConnectionLimit};
 use crate::connect::connect;
+use crate::preread::{
+    peek_server_name, postgres_backend_tls, postgres_start, read_proxy_header, PeekEnd, ServerName,
+};
 use crate::proxy_protocol::{self, ProxyProtocol, Transport};
 use crate::relay::{relay, RelayOptions};
+use crate::sni_routes::SniRoutes;
 use crate::source_limit::{now_second, ConcurrentPerSource, RatePerSource};
 
-/// Everything a TCP listener needs to serve a connection. Shared by all its workers.
+/// Where a connection can go: a pool, and the local addresses to leave from.
 #[derive(Debug)]
-pub struct TcpService {
-    /// The listener's name, for logs.
+pub struct Target {
+    /// The pool's name, for logs.
     pub name: Arc<str>,
-    /// The address as configured (the VIP): the local half of the flow key that hashing
-    /// algorithms use. Using the configured rather than the accepted address keeps
-    /// placement identical on every l4lb instance sharing a config (port 0 included);
-    /// an unspecified IP (a wildcard bind) is replaced by the address the client reached.
-    pub bind: SocketAddr,
-    /// Where connections go.
+    /// The pool.
     pub pool: Arc<Pool>,
-    /// Limit for each connect attempt.
-    pub connect_timeout: Duration,
-    /// Further backends to try after a failed connect.
-    pub retries: u32,
-    /// Relay settings.
-    pub relay: RelayOptions,
-    /// Who may connect.
-    pub access: AccessList,
-    /// How many may be connected at once, across workers.
-    pub limit: Arc<ConnectionLimit>,
-    /// Header sent to backends.
-    pub proxy_protocol: ProxyProtocol,
     /// Local addresses backend connections leave from, in turn (empty: by route).
     pub sources: Vec<IpAddr>,
-    /// The next source to use.
-    pub next_source: AtomicUsize,
-    /// Counters, carried across reloads.
-    pub stats: Arc<TcpStats>,
-    /// `max_connections_per_source`, if set.
-    pub per_source: Option<Arc<ConcurrentPerSource>>,
-    /// `max_new_connections_per_second_per_source`, if set.
-    pub rate_per_source: Option<Arc<RatePerSource>>,
+    next_source: AtomicUsize,
 }
 
-impl TcpService {
+impl Target {
+    /// A target for `pool`, leaving from `sources`.
+    pub fn new(name: &str, pool: Arc<Pool>, sources: Vec<IpAddr>) -> Self {
+        Target {
+            name: Arc::from(name),
+            pool,
+            sources,
+            next_source: AtomicUsize::new(0),
+        }
+    }
+
     /// The source address for a connection to `backend`: the next configured one of its
     /// family, or none (the route decides).
     fn source_for(&self, backend: SocketAddr) -> Option<IpAddr> {
@@ -71,6 +61,64 @@ impl TcpService {
             .map(|i| self.sources[(start + i) % self.sources.len()])
             .find(|ip| ip.is_ipv4() == backend.is_ipv4())
     }
+}
+
+/// Routing by the server name of the client's TLS ClientHello (`sni:`).
+#[derive(Debug)]
+pub struct SniRouting {
+    /// Names to indexes into `targets`.
+    pub routes: SniRoutes<usize>,
+    /// The routes' pools.
+    pub targets: Vec<Target>,
+    /// How long to wait for a complete ClientHello before using the default pool.
+    pub timeout: Duration,
+    /// Answer a PostgreSQL SSLRequest and route by the ClientHello that follows.
+    pub postgres: bool,
+}
+
+/// Reading a PROXY header from trusted upstreams (`accept_proxy:`).
+#[derive(Debug)]
+pub struct AcceptProxy {
+    /// The upstreams trusted to send one; any other peer is refused.
+    pub from: AccessList,
+    /// How long the header may take to arrive.
+    pub timeout: Duration,
+}
+
+/// Everything a TCP listener needs to serve a connection. Shared by all its workers.
+#[derive(Debug)]
+pub struct TcpService {
+    /// The listener's name, for logs.
+    pub name: Arc<str>,
+    /// The address as configured (the VIP): the local half of the flow key that hashing
+    /// algorithms use. Using the configured rather than the accepted address keeps
+    /// placement identical on every l4lb instance sharing a config (port 0 included);
+    /// an unspecified IP (a wildcard bind) is replaced by the address the client reached.
+    pub bind: SocketAddr,
+    /// Where connections go (unless an SNI route says otherwise).
+    pub target: Target,
+    /// SNI routes, if any.
+    pub sni: Option<SniRouting>,
+    /// PROXY header expected from trusted upstreams, if any.
+    pub accept_proxy: Option<AcceptProxy>,
+    /// Limit for each connect attempt.
+    pub connect_timeout: Duration,
+    /// Further backends to try after a failed connect.
+    pub retries: u32,
+    /// Relay settings.
+    pub relay: RelayOptions,
+    /// Who may connect (the original client, when a PROXY header names it).
+    pub access: AccessList,
+    /// How many may be connected at once, across workers.
+    pub limit: Arc<ConnectionLimit>,
+    /// Header sent to backends.
+    pub proxy_protocol: ProxyProtocol,
+    /// Counters, carried across reloads.
+    pub stats: Arc<TcpStats>,
+    /// `max_connections_per_source`, if set.
+    pub per_source: Option<Arc<ConcurrentPerSource>>,
+    /// `max_new_connections_per_second_per_source`, if set.
+    pub rate_per_source: Option<Arc<RatePerSource>>,
 }
 
 /// Counters of one TCP listener, kept across reloads (the service is replaced, these are
@@ -89,6 +137,18 @@ pub struct TcpStats {
     pub rejected_per_source: AtomicU64,
     /// Refused by `max_new_connections_per_second_per_source`.
     pub rejected_per_source_rate: AtomicU64,
+    /// Refused: `accept_proxy` is set and the peer is not in its `from`.
+    pub rejected_untrusted: AtomicU64,
+    /// Closed: a trusted peer sent no valid PROXY header in time.
+    pub rejected_proxy_header: AtomicU64,
+    /// Closed: the client left (or sent nothing) before a route could be chosen, or a
+    /// PostgreSQL backend refused TLS.
+    pub rejected_preread: AtomicU64,
+    /// Routed by an SNI route.
+    pub sni_matched: AtomicU64,
+    /// Sent to the listener's pool by an SNI listener (no name, no match, not TLS,
+    /// unreadable or late ClientHello).
+    pub sni_default: AtomicU64,
     /// Bytes client -> backend.
     pub bytes_in: AtomicU64,
     /// Bytes backend -> client.
@@ -158,7 +218,12 @@ fn start(
     };
     let Some(local) = local else { return };
     bump(&service.stats.accepted, 1);
-    let span = info_span!("conn", listener = %service.name, client = %peer);
+    let span = info_span!(
+        "conn",
+        listener = %service.name,
+        client = %peer,
+        source = tracing::field::Empty
+    );
     tracker.spawn(handle(Arc::clone(service), client, peer, local).instrument(span));
 }
 
@@ -178,21 +243,51 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
-    if !service.access.admits(peer.ip()) {
+async fn handle(
+    service: Arc<TcpService>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let started = Instant::now();
+    // The client as far as policy is concerned: the socket's peer, or the address a
+    // trusted upstream's PROXY header names.
+    let (source, reached) = match &service.accept_proxy {
+        None => (peer, local),
+        Some(accept) => {
+            if !accept.from.admits(peer.ip()) {
+                bump(&service.stats.rejected_untrusted, 1);
+                info!("refused: peer is not in accept_proxy.from");
+                return;
+            }
+            let deadline = started + accept.timeout;
+            match read_proxy_header(&mut client, deadline).await {
+                Ok(header) => header.addresses.unwrap_or((peer, local)),
+                Err(e) => {
+                    bump(&service.stats.rejected_proxy_header, 1);
+                    info!(error = %e, "closed: no valid PROXY header from a trusted peer");
+                    return;
+                }
+            }
+        }
+    };
+    if service.accept_proxy.is_some() {
+        Span::current().record("source", tracing::field::display(source));
+    }
+    if !service.access.admits(source.ip()) {
         bump(&service.stats.rejected_denied, 1);
         debug!("rejected by access list");
         return;
     }
     if let Some(rate) = &service.rate_per_source {
-        if !rate.admit(peer.ip(), now_second()) {
+        if !rate.admit(source.ip(), now_second()) {
             bump(&service.stats.rejected_per_source_rate, 1);
             debug!("rejected: max_new_connections_per_second_per_source reached");
             return;
         }
     }
     let _source_slot = match &service.per_source {
-        Some(table) => match table.try_acquire(peer.ip()) {
+        Some(table) => match table.try_acquire(source.ip()) {
             Some(slot) => Some(slot),
             None => {
                 bump(&service.stats.rejected_per_source, 1);
@@ -207,36 +302,49 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
         debug!("rejected: max_connections reached");
         return;
     };
+    let Some(route) = choose_route(&service, &mut client).await else {
+        bump(&service.stats.rejected_preread, 1);
+        return;
+    };
     // TCP_NODELAY is inherited from the listening socket (see listener::bind_tcp).
-    let started = Instant::now();
     let key = FlowKey {
-        client: peer,
+        client: source,
         local: flow_local(service.bind, local),
         protocol: Protocol::Tcp,
     };
-    let (mut backend, handle) = match connect_backend(&service, &key).await {
+    let target = route.target;
+    let (mut backend, handle) = match connect_backend(&service, target, &key).await {
         Ok(connected) => connected,
         Err(0) => {
             // The pool has no usable backend; health logged that once for the pool.
             bump(&service.stats.rejected_no_backend, 1);
-            debug!("no usable backend, closing client");
+            debug!(pool = %target.name, "no usable backend, closing client");
             return;
         }
         Err(attempts) => {
             bump(&service.stats.rejected_no_backend, 1);
-            info!(attempts, "no backend reachable, closing client");
+            info!(pool = %target.name, attempts, "no backend reachable, closing client");
             return;
         }
     };
     let backend_addr = handle.addr();
     if service.proxy_protocol != ProxyProtocol::Off {
-        let header = proxy_protocol::encode(service.proxy_protocol, Transport::Stream, peer, local);
+        let header =
+            proxy_protocol::encode(service.proxy_protocol, Transport::Stream, source, reached);
         if let Err(e) = backend.write_all(&header).await {
             info!(backend = %backend_addr, error = %e, "could not send PROXY header");
             return;
         }
     }
-    let metric = service.pool.snapshot().algorithm().time_metric();
+    if route.postgres_tls {
+        let deadline = Instant::now() + service.connect_timeout;
+        if let Err(e) = postgres_backend_tls(&mut backend, deadline).await {
+            bump(&service.stats.rejected_preread, 1);
+            info!(backend = %backend_addr, error = %e, "PostgreSQL backend refused TLS, closing client");
+            return;
+        }
+    }
+    let metric = target.pool.snapshot().algorithm().time_metric();
     let report = if metric == Some(TimeMetric::FirstByte) {
         let state = handle.state();
         let hook = |elapsed: Duration| state.record_response_time(elapsed);
@@ -249,6 +357,8 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
     bump(&service.stats.spliced_bytes, report.spliced_bytes);
     info!(
         target: ACCESS_LOG,
+        pool = %target.name,
+        sni = route.name.as_deref(),
         backend = %backend_addr,
         bytes_in = report.client_to_backend,
         bytes_out = report.backend_to_client,
@@ -261,15 +371,82 @@ async fn handle(service: Arc<TcpService>, client: TcpStream, peer: SocketAddr, l
     drop(handle);
 }
 
+/// Where a connection goes, as the preread decided.
+struct Route<'a> {
+    target: &'a Target,
+    /// The server name the client sent, for the access log.
+    name: Option<String>,
+    /// l4lb answered the client's SSLRequest: the backend must be asked too.
+    postgres_tls: bool,
+}
+
+/// Chooses the target: the listener's pool, or the SNI route the ClientHello names.
+/// `None` when the client left before a route could be chosen.
+async fn choose_route<'a>(service: &'a TcpService, client: &mut TcpStream) -> Option<Route<'a>> {
+    let Some(sni) = &service.sni else {
+        return Some(Route {
+            target: &service.target,
+            name: None,
+            postgres_tls: false,
+        });
+    };
+    let deadline = Instant::now() + sni.timeout;
+    let (name, postgres_tls) = if sni.postgres {
+        match postgres_start(client, deadline).await {
+            Ok(start) => (start.name, start.ssl_requested),
+            Err(e) => {
+                debug!(error = %e, "PostgreSQL preamble not read");
+                return None;
+            }
+        }
+    } else {
+        (peek_server_name(client, deadline).await, false)
+    };
+    let name = match name {
+        ServerName::Name(name) => Some(name),
+        ServerName::NoName | ServerName::NotTls => None,
+        ServerName::Invalid(e) => {
+            info!(error = %e, "unreadable ClientHello, using the listener's pool");
+            None
+        }
+        ServerName::Undecided(PeekEnd::Closed) => {
+            debug!("client closed before its ClientHello");
+            return None;
+        }
+        ServerName::Undecided(PeekEnd::Io(e)) => {
+            debug!(error = %e, "error reading the ClientHello");
+            return None;
+        }
+        ServerName::Undecided(e) => {
+            info!(error = %e, "no ClientHello read, using the listener's pool");
+            None
+        }
+    };
+    let routed = name
+        .as_deref()
+        .and_then(|n| sni.routes.route(n))
+        .and_then(|&i| sni.targets.get(i));
+    match routed {
+        Some(_) => bump(&service.stats.sni_matched, 1),
+        None => bump(&service.stats.sni_default, 1),
+    }
+    Some(Route {
+        target: routed.unwrap_or(&service.target),
+        name,
+        postgres_tls,
+    })
+}
+
 /// Connects to a backend chosen by the pool, trying up to `retries` other backends when
 /// one refuses or times out. Returns the number of attempts made when all failed.
 async fn connect_backend(
     service: &TcpService,
+    target: &Target,
     key: &FlowKey,
 ) -> Result<(TcpStream, BackendHandle), u32> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     for _ in 0..=service.retries {
-        let snapshot = service.pool.snapshot();
+        let snapshot = target.pool.snapshot();
         let Some(handle) = snapshot.select(key, &tried) else {
             break;
         };
@@ -277,14 +454,14 @@ async fn connect_backend(
         drop(snapshot);
         let addr = handle.addr();
         let started = Instant::now();
-        match connect(addr, service.connect_timeout, service.source_for(addr)).await {
+        match connect(addr, service.connect_timeout, target.source_for(addr)).await {
             Ok(stream) => {
                 let took = started.elapsed();
                 handle.state().stats.record_connect_time(took);
                 if measure_connect {
                     handle.state().record_response_time(took);
                 }
-                service
+                target
                     .pool
                     .connect_succeeded(handle.state(), Instant::now().into_std());
                 return Ok((stream, handle));
@@ -296,7 +473,7 @@ async fn connect_backend(
                     handle.state().record_response_time(service.connect_timeout);
                 }
                 if e.blames_backend() {
-                    service.pool.connect_failed(
+                    target.pool.connect_failed(
                         handle.state(),
                         e.reason(),
                         &e,

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::AccessList;
 use crate::flow::{FlowEnd, FlowTable};
+use crate::proxy_protocol::{decode_datagram, encode, ProxyProtocol, Transport};
 use crate::relay::mark_drained;
 use crate::sys::{send_batch, RecvBatch, BATCH};
 
@@ -71,6 +72,12 @@ pub struct UdpStats {
     pub dropped_busy: AtomicU64,
     /// Dropped: the source opened more new flows per second than allowed.
     pub dropped_per_source_rate: AtomicU64,
+    /// Dropped: `accept_proxy` is set and the sender is not in its `from`.
+    pub dropped_untrusted: AtomicU64,
+    /// Dropped: a trusted sender's datagram had no valid PROXY v2 header.
+    pub dropped_proxy_header: AtomicU64,
+    /// Dropped: with the PROXY header prefixed, the datagram exceeds the UDP maximum.
+    pub dropped_oversize: AtomicU64,
 }
 
 impl fmt::Display for UdpStats {
@@ -78,7 +85,7 @@ impl fmt::Display for UdpStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "flows_active={} flows_created={} flows_evicted={} flows_expired={} datagrams_in={} bytes_in={} datagrams_out={} bytes_out={} dropped_no_backend={} dropped_denied={} dropped_no_socket={} dropped_unreachable={} dropped_busy={} dropped_per_source_rate={}",
+            "flows_active={} flows_created={} flows_evicted={} flows_expired={} datagrams_in={} bytes_in={} datagrams_out={} bytes_out={} dropped_no_backend={} dropped_denied={} dropped_no_socket={} dropped_unreachable={} dropped_busy={} dropped_per_source_rate={} dropped_untrusted={} dropped_proxy_header={} dropped_oversize={}",
             g(&self.flows_active),
             g(&self.flows_created),
             g(&self.flows_evicted),
@@ -93,6 +100,9 @@ impl fmt::Display for UdpStats {
             g(&self.dropped_unreachable),
             g(&self.dropped_busy),
             g(&self.dropped_per_source_rate),
+            g(&self.dropped_untrusted),
+            g(&self.dropped_proxy_header),
+            g(&self.dropped_oversize),
         )
     }
 }
@@ -118,10 +128,42 @@ pub struct UdpService {
     pub idle_timeout: Duration,
     /// Flows per worker at most (the listener's `max_flows` split over its workers).
     pub max_flows_per_worker: usize,
-    /// Who may send.
+    /// Who may send (the original client, when a PROXY header names it).
     pub access: AccessList,
+    /// Upstreams whose every datagram starts with a PROXY v2 header naming the client
+    /// (`accept_proxy.from`); datagrams from anyone else are dropped. `None`: no header.
+    pub accept_proxy: Option<AccessList>,
+    /// A PROXY v2 header prefixed to datagrams sent to backends, and to which.
+    pub proxy_protocol: Option<ProxyUdp>,
     /// Counters.
     pub stats: Arc<UdpStats>,
+}
+
+/// Which datagrams of a flow carry the PROXY v2 header to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyUdp {
+    /// The first datagram of each flow (the backend keeps the address per source port;
+    /// if that datagram is lost, the backend never learns it).
+    First,
+    /// Every datagram (stateless backends; costs the header's bytes on each).
+    Every,
+}
+
+/// A flow's identity: who sent the datagrams (replies go back there) and the client they
+/// are for (the same address, unless a trusted upstream's PROXY header names another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowId {
+    peer: SocketAddr,
+    client: SocketAddr,
+}
+
+impl FlowId {
+    fn direct(client: SocketAddr) -> Self {
+        FlowId {
+            peer: client,
+            client,
+        }
+    }
 }
 
 /// State shared between a flow's entry in the table and its reply task.
@@ -142,6 +184,10 @@ struct Flow {
     started: Instant,
     datagrams_in: u64,
     bytes_in: u64,
+    /// The address the client reached, for the PROXY header sent onward.
+    reached: SocketAddr,
+    /// Whether a datagram with the PROXY header has gone to the backend.
+    header_sent: bool,
 }
 
 impl Drop for Flow {
@@ -167,7 +213,9 @@ struct Worker {
     /// The service this worker applies now; refreshed from `shared` at each batch.
     service: Arc<UdpService>,
     listener: Arc<UdpSocket>,
-    table: FlowTable<Flow>,
+    table: FlowTable<FlowId, Flow>,
+    /// Datagrams with the PROXY header prefixed, built for one send.
+    prefixed: Vec<u8>,
     epoch: Instant,
     ports: PortBook,
     /// A descriptor held back for the moment the process runs out: closing it lets the
@@ -194,6 +242,7 @@ pub async fn serve_udp(
         table: FlowTable::new(service.max_flows_per_worker, service.idle_timeout),
         ports: PortBook::new(service.sources.clone()),
         reserve: None,
+        prefixed: Vec::new(),
         shared,
         service,
         listener,
@@ -246,8 +295,8 @@ pub async fn serve_udp(
             }
         }
     }
-    for (client, flow) in worker.table.drain() {
-        worker.end(client, flow, FlowEnd::Shutdown);
+    for (id, flow) in worker.table.drain() {
+        worker.end(id, flow, FlowEnd::Shutdown);
     }
 }
 
@@ -258,52 +307,92 @@ impl Worker {
             let ms = flow.shared.last_reply_ms.load(Ordering::Relaxed);
             (ms > 0).then(|| epoch + Duration::from_millis(ms))
         });
-        for (client, flow) in expired {
+        for (id, flow) in expired {
             bump(&self.service.stats.flows_expired, 1);
-            self.end(client, flow, FlowEnd::Idle);
+            self.end(id, flow, FlowEnd::Idle);
         }
     }
 
-    /// Forwards a received batch: each client's datagrams, in their order, go to its
-    /// backend in one send (GSO or `sendmmsg`), however the clients interleave in the
-    /// batch. Order only matters within a flow, so grouping keeps every guarantee.
+    /// Forwards a received batch: each flow's datagrams, in their order, go to its
+    /// backend in one send (GSO or `sendmmsg`), however the flows interleave in the batch.
+    /// Order only matters within a flow, so grouping keeps every guarantee.
     fn forward_batch(&mut self, batch: &RecvBatch, n: usize) {
         self.refresh();
         // The reserve comes back as soon as an evicted flow's socket has closed.
         self.refill_reserve();
+        let local = self.flow_local();
+        // Each datagram's flow and payload (after a received PROXY header); None: dropped.
+        let mut items: [Option<(FlowId, SocketAddr, &[u8])>; BATCH] = [None; BATCH];
+        for (i, item) in items.iter_mut().enumerate().take(n) {
+            let (from, payload) = batch.get(i);
+            let Some(from) = from else { continue };
+            *item = match &self.service.accept_proxy {
+                None => Some((FlowId::direct(from), local, payload)),
+                Some(trusted) => self.strip_proxy_header(trusted, from, local, payload),
+            };
+        }
         let mut taken = [false; BATCH];
         for i in 0..n {
+            let Some((id, reached, _)) = items[i] else {
+                continue;
+            };
             if taken[i] {
                 continue;
             }
-            let (client, _) = batch.get(i);
             let mut payloads: [&[u8]; BATCH] = [&[]; BATCH];
             let mut count = 0;
             for (j, taken) in taken.iter_mut().enumerate().take(n).skip(i) {
-                let (from, payload) = batch.get(j);
-                if !*taken && from == client {
-                    *taken = true;
-                    payloads[count] = payload;
-                    count += 1;
+                if let Some((other, _, payload)) = items[j] {
+                    if !*taken && other == id {
+                        *taken = true;
+                        payloads[count] = payload;
+                        count += 1;
+                    }
                 }
             }
-            if let Some(client) = client {
-                self.forward(client, &payloads[..count]);
+            self.forward(id, reached, &payloads[..count]);
+        }
+    }
+
+    /// The flow and payload of a datagram from a trusted upstream: the client its PROXY v2
+    /// header names (or the sender, for a LOCAL header). None (dropped, counted) for an
+    /// untrusted sender or a datagram without a valid header.
+    fn strip_proxy_header<'a>(
+        &self,
+        trusted: &AccessList,
+        from: SocketAddr,
+        local: SocketAddr,
+        datagram: &'a [u8],
+    ) -> Option<(FlowId, SocketAddr, &'a [u8])> {
+        if !trusted.admits(from.ip()) {
+            bump(&self.service.stats.dropped_untrusted, 1);
+            return None;
+        }
+        match decode_datagram(datagram) {
+            Ok(header) => {
+                let (client, reached) = header.addresses.unwrap_or((from, local));
+                let payload = datagram.get(header.len..).unwrap_or_default();
+                Some((FlowId { peer: from, client }, reached, payload))
+            }
+            Err(e) => {
+                bump(&self.service.stats.dropped_proxy_header, 1);
+                debug!(listener = %self.service.name, peer = %from, error = %e, "datagram dropped: no valid PROXY header");
+                None
             }
         }
     }
 
-    fn forward(&mut self, client: SocketAddr, payloads: &[&[u8]]) {
+    fn forward(&mut self, id: FlowId, reached: SocketAddr, payloads: &[&[u8]]) {
         let stats = Arc::clone(&self.service.stats);
         let count = payloads.len() as u64;
-        if !self.service.access.admits(client.ip()) {
+        if !self.service.access.admits(id.client.ip()) {
             bump(&stats.dropped_denied, count);
             return;
         }
         let now = Instant::now();
         let usable = self
             .table
-            .get_mut(&client, now)
+            .get_mut(&id, now)
             // Draining keeps live flows (only new ones avoid the backend); down or disabled
             // moves them, and so does ejected, unless nothing else is usable (fail open:
             // moving would pick an ejected backend again, on every datagram).
@@ -316,24 +405,44 @@ impl Worker {
             Some(true) => {}
             Some(false) => {
                 // The flow's backend is down: this datagram re-selects.
-                if let Some(flow) = self.table.remove(&client) {
-                    self.end(client, flow, FlowEnd::BackendDown);
+                if let Some(flow) = self.table.remove(&id) {
+                    self.end(id, flow, FlowEnd::BackendDown);
                 }
-                if !self.open(client, now, count) {
+                if !self.open(id, reached, now, count) {
                     return;
                 }
             }
             None => {
-                if !self.open(client, now, count) {
+                if !self.open(id, reached, now, count) {
                     return;
                 }
             }
         }
-        let Some(flow) = self.table.get_mut(&client, now) else {
+        let Some(flow) = self.table.get_mut(&id, now) else {
             return;
         };
+        let mut framed: [&[u8]; BATCH] = [&[]; BATCH];
+        let payloads = match self.service.proxy_protocol {
+            None => payloads,
+            Some(mode) => {
+                let kept = prefix_proxy_header(
+                    mode,
+                    flow,
+                    id.client,
+                    payloads,
+                    &mut self.prefixed,
+                    &mut framed,
+                );
+                bump(&stats.dropped_oversize, count - kept as u64);
+                &framed[..kept]
+            }
+        };
+        let count = payloads.len() as u64;
         match send_batch(flow.socket.as_fd(), payloads, None) {
             Ok(sent) => {
+                if sent > 0 && self.service.proxy_protocol.is_some() {
+                    flow.header_sent = true;
+                }
                 let bytes: u64 = payloads[..sent].iter().map(|p| p.len() as u64).sum();
                 flow.datagrams_in += sent as u64;
                 flow.bytes_in += bytes;
@@ -357,8 +466,9 @@ impl Worker {
 
     /// Opens a flow for `client`: selects a backend, connects a socket to it, starts the
     /// reply task. Returns false (datagram dropped) when no backend or socket can be had.
-    fn open(&mut self, client: SocketAddr, now: Instant, datagrams: u64) -> bool {
+    fn open(&mut self, id: FlowId, reached: SocketAddr, now: Instant, datagrams: u64) -> bool {
         let stats = Arc::clone(&self.service.stats);
+        let client = id.client;
         let key = FlowKey {
             client,
             local: self.flow_local(),
@@ -412,7 +522,7 @@ impl Worker {
         let reply = tokio::spawn(reply_loop(ReplyPath {
             backend_socket: Arc::clone(&socket),
             listener: Arc::clone(&self.listener),
-            client,
+            client: id.peer,
             shared: Arc::clone(&shared),
             backend: Arc::clone(backend.state()),
             pool: Arc::clone(&self.service.pool),
@@ -427,6 +537,8 @@ impl Worker {
             started: now,
             datagrams_in: 0,
             bytes_in: 0,
+            reached,
+            header_sent: false,
         };
         debug!(
             listener = %self.service.name,
@@ -437,8 +549,8 @@ impl Worker {
         );
         bump(&stats.flows_created, 1);
         bump(&stats.flows_active, 1);
-        if let Some((old, evicted)) = self.table.insert(client, flow, now) {
-            let reason = if old == client {
+        if let Some((old, evicted)) = self.table.insert(id, flow, now) {
+            let reason = if old == id {
                 FlowEnd::BackendDown
             } else {
                 FlowEnd::Evicted
@@ -479,8 +591,8 @@ impl Worker {
             let gone = self
                 .table
                 .remove_where(|flow| !kept.contains(&Arc::as_ptr(flow.backend.state())));
-            for (client, flow) in gone {
-                self.end(client, flow, FlowEnd::BackendDown);
+            for (id, flow) in gone {
+                self.end(id, flow, FlowEnd::BackendDown);
             }
         }
     }
@@ -498,7 +610,7 @@ impl Worker {
         }
     }
 
-    fn end(&self, client: SocketAddr, flow: Flow, reason: FlowEnd) {
+    fn end(&self, id: FlowId, flow: Flow, reason: FlowEnd) {
         self.service
             .stats
             .flows_active
@@ -506,7 +618,8 @@ impl Worker {
         info!(
         target: ACCESS_LOG,
             listener = %self.service.name,
-            client = %client,
+            client = %id.client,
+            peer = (id.peer != id.client).then_some(tracing::field::display(id.peer)),
             backend = %flow.backend.addr(),
             datagrams_in = flow.datagrams_in,
             bytes_in = flow.bytes_in,
@@ -596,4 +709,52 @@ async fn reply_loop(path: ReplyPath) {
             }
         }
     }
+}
+
+/// Frames the datagrams of one send for a backend that reads PROXY v2: the header goes
+/// before every datagram (`every`) or the flow's first (`first`), built in `scratch`;
+/// the others are passed as they are. Fills `out` and returns how many it holds (a
+/// datagram that would exceed the UDP maximum with its header is left out).
+fn prefix_proxy_header<'a>(
+    mode: ProxyUdp,
+    flow: &Flow,
+    client: SocketAddr,
+    payloads: &[&'a [u8]],
+    scratch: &'a mut Vec<u8>,
+    out: &mut [&'a [u8]; BATCH],
+) -> usize {
+    let header = encode(ProxyProtocol::V2, Transport::Datagram, client, flow.reached);
+    let wants_header = |i: usize| match mode {
+        ProxyUdp::Every => true,
+        ProxyUdp::First => i == 0 && !flow.header_sent,
+    };
+    // First pass: lay the framed datagrams end to end, so the scratch buffer is not
+    // reallocated while slices into it are held.
+    scratch.clear();
+    let mut plan: [Option<(usize, usize)>; BATCH] = [None; BATCH];
+    for (i, payload) in payloads.iter().enumerate().take(BATCH) {
+        if wants_header(i) {
+            if header.len() + payload.len() > MAX_DATAGRAM {
+                continue;
+            }
+            let start = scratch.len();
+            scratch.extend_from_slice(&header);
+            scratch.extend_from_slice(payload);
+            plan[i] = Some((start, scratch.len()));
+        }
+    }
+    let scratch: &'a [u8] = scratch;
+    let mut kept = 0;
+    for (i, payload) in payloads.iter().enumerate().take(BATCH) {
+        if wants_header(i) {
+            if let Some((start, end)) = plan[i] {
+                out[kept] = &scratch[start..end];
+                kept += 1;
+            }
+        } else {
+            out[kept] = payload;
+            kept += 1;
+        }
+    }
+    kept
 }

@@ -174,6 +174,21 @@ impl Collector for L4lbCollector {
                     ("no_backend", get(&s.stats.rejected_no_backend)),
                     ("per_source", get(&s.stats.rejected_per_source)),
                     ("per_source_rate", get(&s.stats.rejected_per_source_rate)),
+                    ("untrusted", get(&s.stats.rejected_untrusted)),
+                    ("proxy_header", get(&s.stats.rejected_proxy_header)),
+                    ("preread", get(&s.stats.rejected_preread)),
+                ]
+            }),
+        )?;
+        family(
+            e,
+            "l4lb_listener_sni_routed",
+            "TCP connections of SNI listeners: by a route (matched) or to the listener's pool (default).",
+            counter,
+            &by_listener(&tcp, "route", |s| {
+                vec![
+                    ("matched", get(&s.stats.sni_matched)),
+                    ("default", get(&s.stats.sni_default)),
                 ]
             }),
         )?;
@@ -242,6 +257,9 @@ impl Collector for L4lbCollector {
                     ("unreachable", get(&s.stats.dropped_unreachable)),
                     ("busy", get(&s.stats.dropped_busy)),
                     ("per_source_rate", get(&s.stats.dropped_per_source_rate)),
+                    ("untrusted", get(&s.stats.dropped_untrusted)),
+                    ("proxy_header", get(&s.stats.dropped_proxy_header)),
+                    ("oversize", get(&s.stats.dropped_oversize)),
                 ]
             }),
         )?;

@@ -6,10 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use l4_balance::{Algorithm, BackendSpec, OutlierSettings};
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
+pub use l4_core::udp::ProxyUdp;
 use l4_health::HealthSettings;
 
 /// Defaults applied where neither a listener nor `defaults:` says otherwise.
@@ -72,6 +74,16 @@ pub const EJECTION_TIME: RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_secs(3600);
 /// Passive `failures`.
 pub const PASSIVE_FAILURES: RangeInclusive<u32> = 1..=1000;
+/// `sni_timeout` and `accept_proxy.timeout`: how long a client may take to send what a
+/// route is chosen by.
+pub const PREREAD_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(300);
+/// Default `sni_timeout` (HAProxy's usual `tcp-request inspect-delay`).
+pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `accept_proxy.timeout`.
+pub const DEFAULT_ACCEPT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// SNI routes per listener.
+pub const MAX_SNI_ROUTES: usize = 10_000;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -167,6 +179,34 @@ pub struct Listener {
     pub max_new_connections_per_second_per_source: Option<u32>,
     /// UDP: new flows per second per source address at most.
     pub max_new_flows_per_second_per_source: Option<u32>,
+    /// TCP: routes by TLS server name, in file order.
+    pub sni: Vec<SniRoute>,
+    /// TCP: how long to wait for the ClientHello.
+    pub sni_timeout: Duration,
+    /// TCP: answer PostgreSQL's SSLRequest and route by the ClientHello that follows.
+    pub sni_postgres: bool,
+    /// A PROXY header expected from these upstreams.
+    pub accept_proxy: Option<AcceptProxyConfig>,
+    /// UDP with `proxy_protocol: v2`: which datagrams carry the header.
+    pub proxy_protocol_udp: ProxyUdp,
+}
+
+/// One `sni:` route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    /// `name.example` or `*.example`.
+    pub pattern: String,
+    /// The pool it goes to.
+    pub pool: String,
+}
+
+/// `accept_proxy:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcceptProxyConfig {
+    /// The upstreams trusted to send a header; everyone else is refused.
+    pub from: Vec<IpNet>,
+    /// TCP: how long the header may take.
+    pub timeout: Duration,
 }
 
 /// A validated pool.

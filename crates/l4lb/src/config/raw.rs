@@ -54,10 +54,22 @@ pub(super) struct RawListener {
     pub(super) retries: Option<u32>,
     pub(super) relay: Option<String>,
     pub(super) sni: Option<Vec<RawSniRoute>>,
+    pub(super) sni_timeout: Option<RawDuration>,
+    pub(super) sni_postgres: Option<bool>,
+    pub(super) accept_proxy: Option<RawAcceptProxy>,
+    pub(super) proxy_protocol_udp: Option<String>,
     pub(super) max_flows: Option<usize>,
     pub(super) max_connections_per_source: Option<u32>,
     pub(super) max_new_connections_per_second_per_source: Option<u32>,
     pub(super) max_new_flows_per_second_per_source: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcceptProxy {
+    #[serde(default)]
+    pub(super) from: Vec<String>,
+    pub(super) timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]

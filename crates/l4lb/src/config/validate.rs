@@ -16,6 +16,7 @@ use l4_balance::{
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
+use l4_core::sni_routes::SniRoutes;
 use l4_health::{HealthSettings, ProbeKind};
 
 use super::model::*;
@@ -242,7 +243,15 @@ impl Validator {
                     None
                 }
             };
+            let mut sni = Vec::new();
             if let Some(routes) = &l.sni {
+                let mut table = SniRoutes::default();
+                if routes.len() > MAX_SNI_ROUTES {
+                    self.error(
+                        format!("{path}.sni"),
+                        format!("{} routes (at most {MAX_SNI_ROUTES})", routes.len()),
+                    );
+                }
                 for (j, route) in routes.iter().enumerate() {
                     if !pool_names.contains(route.pool.as_str()) {
                         self.error(
@@ -250,16 +259,90 @@ impl Validator {
                             format!("no pool named {:?}", route.pool),
                         );
                     }
-                    if route.pattern.trim().is_empty() {
-                        self.error(format!("{path}.sni[{j}].match"), "must not be empty");
+                    if let Err(e) = table.add(&route.pattern, ()) {
+                        self.error(format!("{path}.sni[{j}].match"), e.to_string());
                     }
+                    sni.push(SniRoute {
+                        pattern: route.pattern.clone(),
+                        pool: route.pool.clone(),
+                    });
                 }
+                if routes.is_empty() {
+                    self.error(
+                        format!("{path}.sni"),
+                        "an empty list (leave sni out instead)",
+                    );
+                }
+            }
+            let sni_postgres = l.sni_postgres.unwrap_or(false);
+            if sni_postgres && l.sni.is_none() {
                 self.error(
-                    format!("{path}.sni"),
-                    "SNI routing is not available in this version yet",
+                    format!("{path}.sni_postgres"),
+                    "needs sni routes to choose among",
                 );
             }
-            let tcp_only: [(&str, bool); 7] = [
+            if l.sni_timeout.is_some() && l.sni.is_none() {
+                self.error(
+                    format!("{path}.sni_timeout"),
+                    "applies only with sni routes",
+                );
+            }
+            let sni_timeout = self
+                .duration(
+                    &format!("{path}.sni_timeout"),
+                    l.sni_timeout.as_ref(),
+                    PREREAD_TIMEOUT,
+                )
+                .unwrap_or(DEFAULT_SNI_TIMEOUT);
+            let accept_proxy = l.accept_proxy.as_ref().map(|raw| {
+                let from = self.networks(&format!("{path}.accept_proxy.from"), &raw.from);
+                if raw.from.is_empty() {
+                    self.error(
+                        format!("{path}.accept_proxy.from"),
+                        "list the upstream balancers trusted to send a PROXY header",
+                    );
+                }
+                if is_udp && raw.timeout.is_some() {
+                    self.error(
+                        format!("{path}.accept_proxy.timeout"),
+                        "applies to tcp listeners only (each datagram carries its header)",
+                    );
+                }
+                let timeout = self
+                    .duration(
+                        &format!("{path}.accept_proxy.timeout"),
+                        raw.timeout.as_ref(),
+                        PREREAD_TIMEOUT,
+                    )
+                    .unwrap_or(DEFAULT_ACCEPT_PROXY_TIMEOUT);
+                AcceptProxyConfig { from, timeout }
+            });
+            let proxy_protocol_udp = match l.proxy_protocol_udp.as_deref() {
+                None | Some("first") => ProxyUdp::First,
+                Some("every") => ProxyUdp::Every,
+                Some(other) => {
+                    self.error(
+                        format!("{path}.proxy_protocol_udp"),
+                        format!("unknown value {other:?} (expected first or every)"),
+                    );
+                    ProxyUdp::First
+                }
+            };
+            if l.proxy_protocol_udp.is_some()
+                && !(is_udp && l.proxy_protocol.as_deref() == Some("v2"))
+            {
+                self.error(
+                    format!("{path}.proxy_protocol_udp"),
+                    "applies to udp listeners with proxy_protocol: v2",
+                );
+            }
+            if is_udp && l.proxy_protocol.as_deref() == Some("v1") {
+                self.error(
+                    format!("{path}.proxy_protocol"),
+                    "v1 has no UDP form; use v2",
+                );
+            }
+            let tcp_only: [(&str, bool); 8] = [
                 ("max_connections", l.max_connections.is_some()),
                 (
                     "max_connections_per_source",
@@ -269,7 +352,8 @@ impl Validator {
                     "max_new_connections_per_second_per_source",
                     l.max_new_connections_per_second_per_source.is_some(),
                 ),
-                ("proxy_protocol", l.proxy_protocol.is_some()),
+                ("sni", l.sni.is_some()),
+                ("sni_postgres", l.sni_postgres.is_some()),
                 ("relay", l.relay.is_some()),
                 ("connect_timeout", l.connect_timeout.is_some()),
                 ("retries", l.retries.is_some()),
@@ -399,6 +483,11 @@ impl Validator {
                     max_connections_per_source,
                     max_new_connections_per_second_per_source,
                     max_new_flows_per_second_per_source,
+                    sni,
+                    sni_timeout,
+                    sni_postgres,
+                    accept_proxy,
+                    proxy_protocol_udp,
                 });
             }
         }

@@ -9,18 +9,21 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwap;
 use l4_balance::{Pool, PoolSnapshot};
+use l4_core::admission::AccessList;
 use l4_core::admission::ConnectionLimit;
 use l4_core::listener::{bind_tcp, bind_udp};
+use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayOptions;
+use l4_core::sni_routes::SniRoutes;
 use l4_core::source_limit::{ConcurrentPerSource, RatePerSource};
-use l4_core::tcp::{SharedTcpService, TcpService, TcpStats};
+use l4_core::tcp::{AcceptProxy, SharedTcpService, SniRouting, Target, TcpService, TcpStats};
 use l4_core::udp::{SharedUdpService, UdpService, UdpStats};
 use l4_health::spawn_checks;
 use tokio_util::sync::CancellationToken;
@@ -308,11 +311,15 @@ impl Control {
         //    sockets; gone -> stop (their live connections finish).
         let mut listeners = BTreeMap::new();
         for l in &new.listeners {
-            let pool = &self.pools[&l.pool];
             let old = self.listeners.remove(&l.name);
             let rebound = fresh.contains_key(&l.name);
-            let service =
-                publish_service(&new, l, pool, old.as_ref().map(|o| &o.service), !rebound);
+            let service = publish_service(
+                &new,
+                l,
+                &self.pools,
+                old.as_ref().map(|o| &o.service),
+                !rebound,
+            )?;
             let mut entry = match (old, fresh.remove(&l.name)) {
                 (Some(old), None) => {
                     if old.config != *l {
@@ -494,11 +501,24 @@ fn start_checks(pool: &Arc<Pool>, config: &PoolConfig) -> CancellationToken {
 fn publish_service(
     config: &Config,
     l: &Listener,
-    pool: &PoolEntry,
+    pools: &BTreeMap<String, PoolEntry>,
     old: Option<&Service>,
     reuse: bool,
-) -> Service {
-    match l.protocol {
+) -> Result<Service> {
+    let pool = pools
+        .get(&l.pool)
+        .ok_or_else(|| anyhow!("listener {}: no pool {}", l.name, l.pool))?;
+    let target = |name: &str| -> Result<Target> {
+        let entry = pools
+            .get(name)
+            .ok_or_else(|| anyhow!("listener {}: no pool {name}", l.name))?;
+        Ok(Target::new(
+            name,
+            Arc::clone(&entry.pool),
+            entry.config.source.clone(),
+        ))
+    };
+    Ok(match l.protocol {
         ListenerProtocol::Tcp => {
             let previous = match old {
                 Some(Service::Tcp(shared)) => Some(shared.load_full()),
@@ -533,10 +553,37 @@ fn publish_service(
                     None => RatePerSource::new(rate),
                 }
             });
+            let sni = if l.sni.is_empty() {
+                None
+            } else {
+                let mut routes = SniRoutes::default();
+                let mut targets = Vec::new();
+                for route in &l.sni {
+                    // Validation refused bad and duplicate patterns already.
+                    routes
+                        .add(&route.pattern, targets.len())
+                        .map_err(|e| anyhow!("listener {}: {e}", l.name))?;
+                    targets.push(target(&route.pool)?);
+                }
+                Some(SniRouting {
+                    routes,
+                    targets,
+                    timeout: l.sni_timeout,
+                    postgres: l.sni_postgres,
+                })
+            };
             let service = TcpService {
                 name: Arc::from(l.name.as_str()),
                 bind: l.bind,
-                pool: Arc::clone(&pool.pool),
+                target: target(&l.pool)?,
+                sni,
+                accept_proxy: l.accept_proxy.as_ref().map(|a| AcceptProxy {
+                    from: AccessList {
+                        allow: a.from.clone(),
+                        deny: Vec::new(),
+                    },
+                    timeout: a.timeout,
+                }),
                 connect_timeout: l.connect_timeout,
                 retries: l.retries,
                 relay: RelayOptions {
@@ -547,8 +594,6 @@ fn publish_service(
                 access: l.access.clone(),
                 limit,
                 proxy_protocol: l.proxy_protocol,
-                sources: pool.config.source.clone(),
-                next_source: AtomicUsize::new(0),
                 stats,
                 per_source,
                 rate_per_source,
@@ -577,6 +622,12 @@ fn publish_service(
                 idle_timeout: l.idle_timeout,
                 max_flows_per_worker: l.max_flows.div_ceil(config.workers.max(1)),
                 access: l.access.clone(),
+                accept_proxy: l.accept_proxy.as_ref().map(|a| AccessList {
+                    allow: a.from.clone(),
+                    deny: Vec::new(),
+                }),
+                proxy_protocol: (l.proxy_protocol == ProxyProtocol::V2)
+                    .then_some(l.proxy_protocol_udp),
                 stats,
             };
             match (old, reuse) {
@@ -587,5 +638,5 @@ fn publish_service(
                 _ => Service::Udp(Arc::new(ArcSwap::from_pointee(service))),
             }
         }
-    }
+    })
 }

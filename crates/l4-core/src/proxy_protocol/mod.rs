@@ -1,7 +1,13 @@
-//! PROXY protocol headers (HAProxy's spec, versions 1 and 2), sent as the first bytes of a
-//! backend connection so the backend learns the real client address.
+//! PROXY protocol headers (HAProxy's spec, versions 1 and 2): encoded as the first bytes
+//! of a backend connection (or UDP datagram) so the backend learns the real client
+//! address, and decoded from a trusted upstream balancer (`accept_proxy`).
 
 use std::net::{IpAddr, SocketAddr};
+
+mod decode;
+pub use decode::{
+    decode_datagram, decode_stream, DecodeError, Decoded, ProxyHeader, V1_MAX, V2_MAX,
+};
 
 /// Which header, if any, to send to backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
