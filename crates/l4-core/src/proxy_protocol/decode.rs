@@ -152,6 +152,14 @@ fn decode_v1(buf: &[u8]) -> Result<Decoded, DecodeError> {
         }
         return Ok(Decoded::Incomplete(None));
     };
+    if !window[..end]
+        .iter()
+        .all(|&b| b.is_ascii_graphic() || b == b' ')
+    {
+        // Also for UNKNOWN, whose fields are otherwise ignored: a complete line must be
+        // one its every beginning was accepted as.
+        return Err(DecodeError::V1("not a line of printable ASCII"));
+    }
     let line = std::str::from_utf8(&window[..end]).map_err(|_| DecodeError::V1("not ASCII"))?;
     let len = end + 2;
     let mut fields = line.split(' ');

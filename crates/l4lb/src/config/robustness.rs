@@ -164,3 +164,16 @@ fn every_seed_parses() {
         check_invariants(&config);
     }
 }
+
+/// The parser as a bolero harness: `cargo test` runs it over its seed corpus (a link to
+/// `config/`) and a bounded number of random inputs; `cargo bolero test` fuzzes it.
+#[test]
+fn config_parser() {
+    bolero::check!().for_each(|input: &[u8]| {
+        if let Ok(text) = std::str::from_utf8(input) {
+            if let Ok(config) = parse(text) {
+                assert!(WORKERS.contains(&config.workers));
+            }
+        }
+    });
+}
