@@ -11,6 +11,13 @@ command -v cc >/dev/null || need+=(build-essential)
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v dig >/dev/null || need+=(dnsutils)
 [ -x /usr/sbin/nginx ] || need+=(nginx)
+# TLS passthrough, PostgreSQL by SNI and an L7 tier behind another balancer: openssl makes
+# the certificates, curl and psql are the clients, HAProxy sends PROXY v2 in front of l4lb,
+# PostgreSQL servers (run as the postgres user) sit behind it.
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 # promtool checks /metrics; prlimit (util-linux) and ip (iproute2) run l4lb under a
 # descriptor limit and in network namespaces.
 command -v promtool >/dev/null || need+=(prometheus)

@@ -519,3 +519,75 @@ pub async fn who(lb: SocketAddr) -> std::io::Result<String> {
     s.read_exact(&mut name).await?;
     Ok(String::from_utf8_lossy(&name).into_owned())
 }
+
+/// A real peer process (nginx, HAProxy, PostgreSQL), killed and reaped when dropped, with
+/// the directory of its files.
+pub struct Peer {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Peer {
+    /// Starts `command` (its output discarded unless the command says otherwise).
+    pub fn spawn(command: &mut Command, dir: tempfile::TempDir) -> Peer {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
+        Peer { child, _dir: dir }
+    }
+
+    /// The process, for reading its output.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The path of a program from Debian's packages, or a panic that says how to get it.
+pub fn program(candidates: &[&str], package: &str) -> PathBuf {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{package} is not installed: scripts/test.sh installs it"))
+}
+
+/// Blocks until something accepts TCP connections on `addr` (bounded by [`PATIENCE`]).
+pub fn wait_accepting(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {addr}");
+        std::thread::yield_now();
+    }
+}
+
+/// Starts nginx in the foreground with `http` as the body of its `http {}` block (temp
+/// paths and logs set to its own directory).
+pub fn start_nginx(http: &str) -> Peer {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().display().to_string();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {prefix};\n  proxy_temp_path {prefix};\n  fastcgi_temp_path {prefix};\n  uwsgi_temp_path {prefix};\n  scgi_temp_path {prefix};\n{http}\n}}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let nginx = program(&["/usr/sbin/nginx", "/usr/bin/nginx"], "nginx");
+    let mut command = Command::new(nginx);
+    command
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Peer::spawn(&mut command, dir)
+}

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument, Span};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::admission::{AccessList, ConnectionLimit};
 use crate::connect::connect;
@@ -218,12 +218,7 @@ fn start(
     };
     let Some(local) = local else { return };
     bump(&service.stats.accepted, 1);
-    let span = info_span!(
-        "conn",
-        listener = %service.name,
-        client = %peer,
-        source = tracing::field::Empty
-    );
+    let span = info_span!("conn", listener = %service.name, client = %peer);
     tracker.spawn(handle(Arc::clone(service), client, peer, local).instrument(span));
 }
 
@@ -271,9 +266,6 @@ async fn handle(
             }
         }
     };
-    if service.accept_proxy.is_some() {
-        Span::current().record("source", tracing::field::display(source));
-    }
     if !service.access.admits(source.ip()) {
         bump(&service.stats.rejected_denied, 1);
         debug!("rejected by access list");
@@ -357,6 +349,11 @@ async fn handle(
     bump(&service.stats.spliced_bytes, report.spliced_bytes);
     info!(
         target: ACCESS_LOG,
+        // The client a trusted upstream's PROXY header named (the span has the peer).
+        source = service
+            .accept_proxy
+            .is_some()
+            .then_some(tracing::field::display(source)),
         pool = %target.name,
         sni = route.name.as_deref(),
         backend = %backend_addr,

@@ -216,6 +216,8 @@ struct Worker {
     table: FlowTable<FlowId, Flow>,
     /// Datagrams with the PROXY header prefixed, built for one send.
     prefixed: Vec<u8>,
+    /// The listener socket's address.
+    local: SocketAddr,
     epoch: Instant,
     ports: PortBook,
     /// A descriptor held back for the moment the process runs out: closing it lets the
@@ -243,6 +245,7 @@ pub async fn serve_udp(
         ports: PortBook::new(service.sources.clone()),
         reserve: None,
         prefixed: Vec::new(),
+        local: listener.local_addr().unwrap_or(service.bind),
         shared,
         service,
         listener,
@@ -320,7 +323,8 @@ impl Worker {
         self.refresh();
         // The reserve comes back as soon as an evicted flow's socket has closed.
         self.refill_reserve();
-        let local = self.flow_local();
+        // The address clients reached (port included), for the PROXY header sent onward.
+        let local = self.local;
         // Each datagram's flow and payload (after a received PROXY header); None: dropped.
         let mut items: [Option<(FlowId, SocketAddr, &[u8])>; BATCH] = [None; BATCH];
         for (i, item) in items.iter_mut().enumerate().take(n) {
