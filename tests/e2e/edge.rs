@@ -172,11 +172,11 @@ fn tls_passthrough_by_sni_reaches_each_nginx_with_its_own_certificate() {
         curl(&pki.ca(), &format!("https://127.0.0.1:{port}/"), None),
         "default"
     );
-    let routed = lb.logs_matching(|l| l.contains("connection closed"));
-    assert!(routed
-        .iter()
-        .any(|l| field(l, "sni").as_deref() == Some("a.test")
-            && field(l, "pool").as_deref() == Some("site_a")));
+    lb.wait_for_log(|l| {
+        l.contains("connection closed")
+            && field(l, "sni").as_deref() == Some("a.test")
+            && field(l, "pool").as_deref() == Some("site_a")
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,6 +365,7 @@ async fn haproxy_to_l4lb_to_nginx_keeps_the_real_client_through_both_hops() {
         &[
             ("127.0.0.1:8080", "127.0.0.1:0".into()),
             ("127.0.0.1:9080", nginx_addr.to_string()),
+            ("workers: 2", "workers: 2\nadmin: 127.0.0.1:0".into()),
         ],
     );
     let lb = Balancer::start(&config);
@@ -403,7 +404,15 @@ async fn haproxy_to_l4lb_to_nginx_keeps_the_real_client_through_both_hops() {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, direct.read_to_end(&mut got)).await;
     assert!(got.is_empty(), "an untrusted peer got {got:?}");
-    lb.wait_for_log(|l| l.contains("peer is not in accept_proxy.from"));
+    let (_, metrics) = http(lb.admin(), "GET", "/metrics", "", None).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("l4lb_listener_rejected_total{")
+                && l.contains("reason=\"untrusted\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
 }
 
 /// A UDP backend that records every datagram and answers each with `ack`.
@@ -446,6 +455,13 @@ fn parse_v2_dgram(datagram: &[u8]) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> 
     ))
 }
 
+async fn next_datagram(received: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
+    tokio::time::timeout(PATIENCE, received.recv())
+        .await
+        .expect("a datagram at the backend")
+        .unwrap()
+}
+
 async fn ask_udp(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) {
     socket.send_to(payload, to).await.unwrap();
     let mut buf = [0u8; 16];
@@ -470,7 +486,7 @@ async fn udp_backends_learn_the_client_from_proxy_v2_on_the_first_or_every_datag
         }
         let mut got = Vec::new();
         for _ in 0..3 {
-            got.push(received.recv().await.unwrap());
+            got.push(next_datagram(&mut received).await);
         }
         for (i, (datagram, payload)) in got.iter().zip([&b"one"[..], b"two", b"three"]).enumerate()
         {
@@ -516,7 +532,7 @@ async fn udp_accept_proxy_takes_the_client_from_each_datagram_of_a_trusted_upstr
         datagram.extend_from_slice(payload);
         // The answer comes back to the upstream that sent it.
         ask_udp(&upstream, lb.addr(), &datagram).await;
-        let forwarded = received.recv().await.unwrap();
+        let forwarded = next_datagram(&mut received).await;
         let (source, destination, rest) = parse_v2_dgram(&forwarded).expect("a header onward");
         assert_eq!(source, client);
         assert_eq!(destination, "203.0.113.1:53".parse().unwrap());
@@ -546,7 +562,7 @@ async fn udp_accept_proxy_takes_the_client_from_each_datagram_of_a_trusted_upstr
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{metrics}");
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
         received.try_recv().is_err(),

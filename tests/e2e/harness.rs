@@ -306,16 +306,23 @@ pub async fn http(
 
 /// A port for a real peer (nginx, dnsmasq) to listen on: below the kernel's ephemeral
 /// range (32768 and up by default), so no client socket of the busy suite takes it between
-/// this check and the peer's bind, and free for both TCP and UDP now (dnsmasq binds both).
+/// this check and the peer's bind, free for both TCP and UDP now (dnsmasq binds both), and
+/// never handed out twice in this test process (tests run in parallel: two could otherwise
+/// pick the same free port before either peer binds it). `attempt` spreads the search.
 pub fn peer_port(attempt: u16) -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
     let base = 20000 + (std::process::id() as u16 % 500) * 20;
-    (0..2000u16)
+    let port = (0..4000u16)
         .map(|i| base.wrapping_add(attempt * 97 + i * 7) % 12000 + 20000)
         .find(|&p| {
-            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            !given.contains(&p)
+                && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
                 && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
         })
-        .expect("a free port for a peer")
+        .expect("a free port for a peer");
+    given.push(port);
+    port
 }
 
 /// The value of `key=value` in a tracing log line.

@@ -250,9 +250,11 @@ async fn handle(
     let (source, reached) = match &service.accept_proxy {
         None => (peer, local),
         Some(accept) => {
-            if !accept.from.admits(peer.ip()) {
+            // An empty list trusts nobody (the config refuses one; an access list would
+            // read it as "everyone").
+            if accept.from.allow.is_empty() || !accept.from.admits(peer.ip()) {
                 bump(&service.stats.rejected_untrusted, 1);
-                info!("refused: peer is not in accept_proxy.from");
+                debug!("refused: peer is not in accept_proxy.from");
                 return;
             }
             let deadline = started + accept.timeout;
@@ -403,7 +405,7 @@ async fn choose_route<'a>(service: &'a TcpService, client: &mut TcpStream) -> Op
         ServerName::Name(name) => Some(name),
         ServerName::NoName | ServerName::NotTls => None,
         ServerName::Invalid(e) => {
-            info!(error = %e, "unreadable ClientHello, using the listener's pool");
+            debug!(error = %e, "unreadable ClientHello, using the listener's pool");
             None
         }
         ServerName::Undecided(PeekEnd::Closed) => {

@@ -368,7 +368,7 @@ impl Worker {
         local: SocketAddr,
         datagram: &'a [u8],
     ) -> Option<(FlowId, SocketAddr, &'a [u8])> {
-        if !trusted.admits(from.ip()) {
+        if trusted.allow.is_empty() || !trusted.admits(from.ip()) {
             bump(&self.service.stats.dropped_untrusted, 1);
             return None;
         }
@@ -426,13 +426,22 @@ impl Worker {
             return;
         };
         let mut framed: [&[u8]; BATCH] = [&[]; BATCH];
+        // Where, among what is sent, the first datagram with a PROXY header is.
+        let mut header_at = None;
         let payloads = match self.service.proxy_protocol {
             None => payloads,
             Some(mode) => {
-                let kept = prefix_proxy_header(
-                    mode,
-                    flow,
+                let kept;
+                let header = encode(
+                    ProxyProtocol::V2,
+                    Transport::Datagram,
                     id.client,
+                    flow.reached,
+                );
+                (kept, header_at) = prefix_proxy_header(
+                    mode,
+                    &header,
+                    flow.header_sent,
                     payloads,
                     &mut self.prefixed,
                     &mut framed,
@@ -444,7 +453,7 @@ impl Worker {
         let count = payloads.len() as u64;
         match send_batch(flow.socket.as_fd(), payloads, None) {
             Ok(sent) => {
-                if sent > 0 && self.service.proxy_protocol.is_some() {
+                if header_at.is_some_and(|at| at < sent) {
                     flow.header_sent = true;
                 }
                 let bytes: u64 = payloads[..sent].iter().map(|p| p.len() as u64).sum();
@@ -716,49 +725,109 @@ async fn reply_loop(path: ReplyPath) {
 }
 
 /// Frames the datagrams of one send for a backend that reads PROXY v2: the header goes
-/// before every datagram (`every`) or the flow's first (`first`), built in `scratch`;
-/// the others are passed as they are. Fills `out` and returns how many it holds (a
-/// datagram that would exceed the UDP maximum with its header is left out).
+/// before every datagram (`every`), or before the flow's first datagram that fits with it
+/// until one has been sent (`first`), built in `scratch`; the others are passed as they
+/// are. Fills `out`; returns how many it holds (a datagram that needs the header but would
+/// exceed the UDP maximum with it is left out) and the index of the first with a header.
 fn prefix_proxy_header<'a>(
     mode: ProxyUdp,
-    flow: &Flow,
-    client: SocketAddr,
+    header: &[u8],
+    header_sent: bool,
     payloads: &[&'a [u8]],
     scratch: &'a mut Vec<u8>,
     out: &mut [&'a [u8]; BATCH],
-) -> usize {
-    let header = encode(ProxyProtocol::V2, Transport::Datagram, client, flow.reached);
-    let wants_header = |i: usize| match mode {
-        ProxyUdp::Every => true,
-        ProxyUdp::First => i == 0 && !flow.header_sent,
-    };
+) -> (usize, Option<usize>) {
     // First pass: lay the framed datagrams end to end, so the scratch buffer is not
     // reallocated while slices into it are held.
     scratch.clear();
-    let mut plan: [Option<(usize, usize)>; BATCH] = [None; BATCH];
+    let mut wants = [false; BATCH];
+    let mut framed: [Option<(usize, usize)>; BATCH] = [None; BATCH];
+    let mut pending = mode == ProxyUdp::Every || !header_sent;
     for (i, payload) in payloads.iter().enumerate().take(BATCH) {
-        if wants_header(i) {
-            if header.len() + payload.len() > MAX_DATAGRAM {
-                continue;
-            }
+        if !pending {
+            break;
+        }
+        wants[i] = true;
+        if header.len() + payload.len() <= MAX_DATAGRAM {
             let start = scratch.len();
-            scratch.extend_from_slice(&header);
+            scratch.extend_from_slice(header);
             scratch.extend_from_slice(payload);
-            plan[i] = Some((start, scratch.len()));
+            framed[i] = Some((start, scratch.len()));
+            pending = mode == ProxyUdp::Every;
         }
     }
     let scratch: &'a [u8] = scratch;
     let mut kept = 0;
+    let mut header_at = None;
     for (i, payload) in payloads.iter().enumerate().take(BATCH) {
-        if wants_header(i) {
-            if let Some((start, end)) = plan[i] {
+        match (wants[i], framed[i]) {
+            (false, _) => {
+                out[kept] = payload;
+                kept += 1;
+            }
+            (true, Some((start, end))) => {
+                header_at = header_at.or(Some(kept));
                 out[kept] = &scratch[start..end];
                 kept += 1;
             }
-        } else {
-            out[kept] = payload;
-            kept += 1;
+            // Too large with its header: dropped (and counted by the caller).
+            (true, None) => {}
         }
     }
-    kept
+    (kept, header_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(mode: ProxyUdp, sent: bool, payloads: &[&[u8]]) -> (Vec<Vec<u8>>, Option<usize>) {
+        let mut scratch = Vec::new();
+        let mut out: [&[u8]; BATCH] = [&[]; BATCH];
+        let (kept, at) = prefix_proxy_header(mode, b"HDR", sent, payloads, &mut scratch, &mut out);
+        (out[..kept].iter().map(|p| p.to_vec()).collect(), at)
+    }
+
+    #[test]
+    fn the_header_goes_on_the_first_or_every_datagram() {
+        let payloads: [&[u8]; 3] = [b"a", b"b", b"c"];
+        assert_eq!(
+            frame(ProxyUdp::First, false, &payloads),
+            (
+                vec![b"HDRa".to_vec(), b"b".to_vec(), b"c".to_vec()],
+                Some(0)
+            )
+        );
+        assert_eq!(
+            frame(ProxyUdp::First, true, &payloads),
+            (vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], None)
+        );
+        assert_eq!(
+            frame(ProxyUdp::Every, true, &payloads),
+            (
+                vec![b"HDRa".to_vec(), b"HDRb".to_vec(), b"HDRc".to_vec()],
+                Some(0)
+            )
+        );
+    }
+
+    #[test]
+    fn a_datagram_too_large_for_the_header_passes_the_header_on() {
+        let big = vec![7u8; MAX_DATAGRAM - 2];
+        let payloads: [&[u8]; 3] = [&big, b"b", &big];
+        let (out, at) = frame(ProxyUdp::First, false, &payloads);
+        assert_eq!(at, Some(0));
+        assert_eq!(
+            out.len(),
+            2,
+            "the first is dropped, the header rides on the next"
+        );
+        assert_eq!(out[0], b"HDRb");
+        assert_eq!(
+            out[1], big,
+            "after the header went, a large one passes as it is"
+        );
+        let (out, _) = frame(ProxyUdp::Every, false, &payloads);
+        assert_eq!(out, vec![b"HDRb".to_vec()]);
+    }
 }

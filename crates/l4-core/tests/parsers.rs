@@ -4,9 +4,9 @@
 //! corpus (`tests/__fuzz__/<name>/corpus`, seeded with the fixtures) and a bounded number
 //! of random inputs; `cargo bolero test --package l4-core <name>` runs the same harness
 //! under libFuzzer (nightly), unbounded. Beyond "never panics", each checks the property
-//! routing relies on: a decision, once made, does not depend on bytes that have not
-//! arrived yet (every shorter beginning asks for more), and bytes after the decided part
-//! do not change it.
+//! routing relies on: as bytes arrive, the answer is "need more" until it is the final
+//! decision, and then stays that decision whatever follows (so routing never depends on
+//! bytes that have not arrived, nor on bytes after the ClientHello).
 #![allow(clippy::unwrap_used)]
 
 use l4_core::client_hello::{self, Hello};
@@ -26,6 +26,21 @@ fn assert_needs_more_before(bytes: &[u8]) {
             "after {cut} of {} bytes",
             bytes.len()
         );
+    }
+}
+
+/// As `bytes` arrive one at a time, the answer is `NeedMore` until it becomes `decided`,
+/// and stays `decided` from then on.
+fn assert_decided_once(bytes: &[u8], decided: &Result<Hello, client_hello::HelloError>) {
+    let mut settled = false;
+    for cut in 0..=bytes.len() {
+        let now = client_hello::parse(&bytes[..cut]);
+        if settled {
+            assert_eq!(&now, decided, "changed its mind at {cut} bytes");
+        } else if now != Ok(Hello::NeedMore) {
+            assert_eq!(&now, decided, "decided early at {cut} bytes");
+            settled = true;
+        }
     }
 }
 
@@ -99,7 +114,7 @@ fn client_hello() {
             longer.extend_from_slice(&[23, 3, 3, 0, 1, 0]);
             assert_eq!(client_hello::parse(&longer), decided);
             if input.len() <= 4096 {
-                assert_needs_more_before(input);
+                assert_decided_once(input, &decided);
             }
         }
     });
@@ -112,6 +127,7 @@ fn proxy_header_stream() {
             assert!(header.len <= input.len());
             let exact = decode_stream(&input[..header.len]);
             assert_eq!(exact, Ok(Decoded::Header(header.clone())));
+            // The header ends where it says: before that, only "read more".
             for cut in 0..header.len {
                 assert!(
                     matches!(decode_stream(&input[..cut]), Ok(Decoded::Incomplete(_))),

@@ -140,56 +140,52 @@ fn starts_like(buf: &[u8], prefix: &[u8]) -> bool {
 
 fn decode_v1(buf: &[u8]) -> Result<Decoded, DecodeError> {
     let window = &buf[..buf.len().min(V1_MAX)];
+    // The line ends at the first CRLF; until one arrives (within 107 bytes) it is a
+    // beginning, whatever it holds: the fields are judged once complete.
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         if buf.len() >= V1_MAX {
             return Err(DecodeError::V1("no CRLF within 107 bytes"));
         }
-        if window
-            .iter()
-            .any(|&b| b == b'\n' || !(b == b'\r' || b.is_ascii_graphic() || b == b' '))
-        {
-            return Err(DecodeError::V1("not a line of printable ASCII"));
-        }
         return Ok(Decoded::Incomplete(None));
     };
-    if !window[..end]
-        .iter()
-        .all(|&b| b.is_ascii_graphic() || b == b' ')
-    {
-        // Also for UNKNOWN, whose fields are otherwise ignored: a complete line must be
-        // one its every beginning was accepted as.
-        return Err(DecodeError::V1("not a line of printable ASCII"));
-    }
-    let line = std::str::from_utf8(&window[..end]).map_err(|_| DecodeError::V1("not ASCII"))?;
     let len = end + 2;
+    // The caller checked the "PROXY " prefix, and a CRLF follows it.
+    let fields = window.get(6..end).unwrap_or_default();
+    let family_len = fields
+        .iter()
+        .position(|&b| b == b' ')
+        .unwrap_or(fields.len());
+    if &fields[..family_len] == b"UNKNOWN" {
+        // The spec: the rest of an UNKNOWN line is to be ignored, whatever it holds.
+        return Ok(Decoded::Header(ProxyHeader {
+            len,
+            addresses: None,
+            transport: Some(Transport::Stream),
+            tlvs: 0,
+        }));
+    }
+    let line = std::str::from_utf8(fields).map_err(|_| DecodeError::V1("not ASCII"))?;
     let mut fields = line.split(' ');
-    // The prefix was checked by the caller.
-    let _proxy = fields.next();
     let family = fields.next().ok_or(DecodeError::V1("no protocol"))?;
-    let addresses = match family {
-        // The rest of an UNKNOWN line is to be ignored, whatever it holds.
-        "UNKNOWN" => None,
-        "TCP4" | "TCP6" => {
-            let mut next = || fields.next().ok_or(DecodeError::V1("too few fields"));
-            let (src, dst, sport, dport) = (next()?, next()?, next()?, next()?);
-            if fields.next().is_some() {
-                return Err(DecodeError::V1("too many fields"));
-            }
-            let (src, dst) = if family == "TCP4" {
-                (v1_ipv4(src)?, v1_ipv4(dst)?)
-            } else {
-                (v1_ipv6(src)?, v1_ipv6(dst)?)
-            };
-            Some((
-                SocketAddr::new(src, v1_port(sport)?),
-                SocketAddr::new(dst, v1_port(dport)?),
-            ))
-        }
-        _ => return Err(DecodeError::V1("protocol is not TCP4, TCP6 or UNKNOWN")),
+    if family != "TCP4" && family != "TCP6" {
+        return Err(DecodeError::V1("protocol is not TCP4, TCP6 or UNKNOWN"));
+    }
+    let mut next = || fields.next().ok_or(DecodeError::V1("too few fields"));
+    let (src, dst, sport, dport) = (next()?, next()?, next()?, next()?);
+    if fields.next().is_some() {
+        return Err(DecodeError::V1("too many fields"));
+    }
+    let (src, dst) = if family == "TCP4" {
+        (v1_ipv4(src)?, v1_ipv4(dst)?)
+    } else {
+        (v1_ipv6(src)?, v1_ipv6(dst)?)
     };
     Ok(Decoded::Header(ProxyHeader {
         len,
-        addresses,
+        addresses: Some((
+            SocketAddr::new(src, v1_port(sport)?),
+            SocketAddr::new(dst, v1_port(dport)?),
+        )),
         transport: Some(Transport::Stream),
         tlvs: 0,
     }))
@@ -234,6 +230,19 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, DecodeError> {
     if len > V2_MAX {
         return Err(DecodeError::TooLong(len));
     }
+    if command == 0 {
+        // LOCAL (an upstream's own connection, its health check): the spec has the
+        // receiver discard the whole block, family included, and keep the connection.
+        if buf.len() < len {
+            return Ok(Decoded::Incomplete(Some(len)));
+        }
+        return Ok(Decoded::Header(ProxyHeader {
+            len,
+            addresses: None,
+            transport: None,
+            tlvs: 0,
+        }));
+    }
     let transport = match family & 0x0f {
         0 => None,
         1 => Some(Transport::Stream),
@@ -254,10 +263,8 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, DecodeError> {
         return Ok(Decoded::Incomplete(Some(len)));
     }
     let block = &buf[16..16 + address_len];
-    let addresses = match (command, family >> 4) {
-        // LOCAL: the addresses, if any, are to be ignored.
-        (0, _) => None,
-        (_, 1) => {
+    let addresses = match family >> 4 {
+        1 => {
             let ip = |o: usize| {
                 IpAddr::V4(Ipv4Addr::new(
                     block[o],
@@ -272,7 +279,7 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, DecodeError> {
                 SocketAddr::new(ip(4), port(10)),
             ))
         }
-        (_, 2) => {
+        2 => {
             let ip = |o: usize| {
                 let mut octets = [0u8; 16];
                 octets.copy_from_slice(&block[o..o + 16]);
@@ -343,6 +350,9 @@ mod tests {
         let h = header(decode_stream(b"PROXY UNKNOWN ignored stuff\r\n"));
         assert_eq!(h.addresses, None);
         assert_eq!(h.len, 29);
+        let h = header(decode_stream(b"PROXY UNKNOWN \x01\xff\r\nrest"));
+        assert_eq!((h.addresses, h.len), (None, 18));
+        assert_eq!(header(decode_stream(b"PROXY UNKNOWN\r\n")).len, 15);
     }
 
     #[test]
@@ -357,7 +367,8 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
             b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
-            b"PROXY TCP4 1.2.3.4\n",
+            b"PROXY TCP4 1.2.3.4\n5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \x012\r\n",
         ] {
             assert!(
                 decode_stream(bad).is_err(),
@@ -406,6 +417,10 @@ mod tests {
         local.extend_from_slice(&[1; 12]);
         let h = header(decode_stream(&local));
         assert_eq!((h.addresses, h.len), (None, 28));
+        // LOCAL discards its block whatever it holds (family, lengths, TLV framing).
+        let mut odd = V2_SIGNATURE.to_vec();
+        odd.extend_from_slice(&[0x20, 0xff, 0, 3, 9, 9, 9]);
+        assert_eq!(header(decode_stream(&odd)).len, 19);
         let mut unspec = V2_SIGNATURE.to_vec();
         unspec.extend_from_slice(&[0x21, 0x00, 0, 0]);
         assert_eq!(header(decode_stream(&unspec)).addresses, None);

@@ -173,11 +173,15 @@ impl Validator {
             .filter(|l| l.protocol.as_deref() == Some("udp"))
             .filter_map(|l| l.pool.as_deref())
             .collect();
+        // A TCP listener's pools: its own and every SNI route's.
         let tcp_pools: HashSet<&str> = raw
             .listeners
             .iter()
             .filter(|l| l.protocol.as_deref() != Some("udp"))
-            .filter_map(|l| l.pool.as_deref())
+            .flat_map(|l| {
+                let routes = l.sni.iter().flatten().map(|r| r.pool.as_str());
+                l.pool.as_deref().into_iter().chain(routes)
+            })
             .collect();
         let pools = self.pools(&raw.pools, &udp_pools, &tcp_pools);
         let pool_names: HashSet<&str> = raw.pools.iter().map(|p| p.name.as_str()).collect();
@@ -1015,5 +1019,64 @@ pools:
             e,
             vec!["defaults.connect_timeout: duration 3 has no unit (write e.g. 3s or 3ms)"]
         );
+    }
+
+    #[test]
+    fn edge_settings_parse_and_their_misuse_is_explained() {
+        let ok = GOOD.replace(
+            "proxy_protocol: v2, ",
+            "proxy_protocol: v2, accept_proxy: { from: [127.0.0.3] }, sni_postgres: true, sni_timeout: 2s, sni: [ { match: DB1.test., pool: web }, { match: \"*.test\", pool: web } ], ",
+        );
+        let config = parse(&ok).unwrap();
+        let l = &config.listeners[0];
+        assert_eq!(l.sni.len(), 2);
+        assert!(l.sni_postgres);
+        assert_eq!(l.sni_timeout, Duration::from_secs(2));
+        let accept = l.accept_proxy.as_ref().unwrap();
+        assert_eq!(accept.from.len(), 1);
+        assert_eq!(accept.timeout, DEFAULT_ACCEPT_PROXY_TIMEOUT);
+        // A pool that a UDP listener uses and a TCP listener routes to by SNI is checked
+        // and balanced as a TCP pool.
+        let shared = r#"
+listeners:
+  - { name: t, bind: "127.0.0.1:1", pool: a, sni: [ { match: b.test, pool: b } ] }
+  - { name: u, bind: "127.0.0.1:2", protocol: udp, pool: b }
+pools:
+  - { name: a, backends: [ { address: "127.0.0.1:9" } ] }
+  - { name: b, backends: [ { address: "127.0.0.1:10" } ] }
+"#;
+        let config = parse(shared).unwrap();
+        assert_eq!(
+            config.pools[1].algorithm,
+            parse(shared).unwrap().pools[0].algorithm
+        );
+
+        let bad = r#"
+listeners:
+  - { name: t, bind: "127.0.0.1:1", pool: p, sni: [ { match: "a.test", pool: p }, { match: "A.TEST", pool: p }, { match: "x.*.test", pool: nope } ] }
+  - { name: u, bind: "127.0.0.1:2", pool: p, sni_postgres: true, sni_timeout: 1s, accept_proxy: { from: [] } }
+  - { name: v, bind: "127.0.0.1:3", protocol: udp, pool: p, proxy_protocol: v1, sni: [], accept_proxy: { from: [10.0.0.0/8], timeout: 1s } }
+  - { name: w, bind: "127.0.0.1:4", pool: p, proxy_protocol_udp: every }
+pools:
+  - { name: p, backends: [ { address: "127.0.0.1:9" } ] }
+"#;
+        let errs = errors(bad);
+        for want in [
+            "listeners[0].sni[1].match: \"A.TEST\" is routed twice",
+            "listeners[0].sni[2].pool: no pool named \"nope\"",
+            "listeners[0].sni[2].match: \"x.*.test\" is not a host name",
+            "listeners[1].sni_postgres: needs sni routes to choose among",
+            "listeners[1].sni_timeout: applies only with sni routes",
+            "listeners[1].accept_proxy.from: list the upstream balancers",
+            "listeners[2].proxy_protocol: v1 has no UDP form",
+            "listeners[2].sni: applies to tcp listeners only",
+            "listeners[2].accept_proxy.timeout: applies to tcp listeners only",
+            "listeners[3].proxy_protocol_udp: applies to udp listeners with proxy_protocol: v2",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{want} not in {errs:#?}"
+            );
+        }
     }
 }
