@@ -328,4 +328,29 @@ mod tests {
         assert!(start.ssl_requested);
         assert!(matches!(start.name, ServerName::Name(n) if n == "db1.test"));
     }
+
+    #[tokio::test]
+    async fn postgres_direct_tls_and_plaintext_starts_are_left_untouched() {
+        // PostgreSQL 17 sslnegotiation=direct: the ClientHello comes first.
+        let (mut client, mut server) = pair().await;
+        let hello = records(&hello_message(&[sni_extension("db2.test")]), 1 << 14);
+        client.write_all(&hello).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let start = postgres_start(&mut server, deadline).await.unwrap();
+        assert!(!start.ssl_requested);
+        assert!(matches!(start.name, ServerName::Name(n) if n == "db2.test"));
+        let mut all = vec![0u8; hello.len()];
+        server.read_exact(&mut all).await.unwrap();
+        assert_eq!(all, hello);
+        // A plaintext StartupMessage: no name, nothing consumed, nothing answered.
+        let (mut client, mut server) = pair().await;
+        let startup = [0, 0, 0, 9, 0, 3, 0, 0, 0];
+        client.write_all(&startup).await.unwrap();
+        let start = postgres_start(&mut server, deadline).await.unwrap();
+        assert!(!start.ssl_requested);
+        assert!(matches!(start.name, ServerName::NotTls));
+        let mut all = [0u8; 9];
+        server.read_exact(&mut all).await.unwrap();
+        assert_eq!(all, startup);
+    }
 }

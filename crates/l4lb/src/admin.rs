@@ -255,7 +255,21 @@ fn status(control: &Control) -> serde_json::Value {
                 Service::Tcp(s) => ("tcp", s.load().limit.active() as u64),
                 Service::Udp(s) => ("udp", s.load().stats.flows_active.load(Ordering::Relaxed)),
             };
-            json!({ "name": name, "protocol": protocol, "addr": l.addr.to_string(), "pool": l.config.pool, "active": active })
+            let sni: Vec<serde_json::Value> = l
+                .config
+                .sni
+                .iter()
+                .map(|r| json!({ "match": r.pattern, "pool": r.pool }))
+                .collect();
+            json!({
+                "name": name,
+                "protocol": protocol,
+                "addr": l.addr.to_string(),
+                "pool": l.config.pool,
+                "sni": sni,
+                "accept_proxy": l.config.accept_proxy.is_some(),
+                "active": active,
+            })
         })
         .collect();
     let pools: Vec<serde_json::Value> = control
