@@ -24,7 +24,7 @@ fn example(name: &str, replace: &[(&str, String)]) -> String {
     text
 }
 
-fn run(command: &mut Command) -> String {
+pub fn run(command: &mut Command) -> String {
     let out = command
         .stdin(Stdio::null())
         .output()
@@ -39,7 +39,7 @@ fn run(command: &mut Command) -> String {
 }
 
 /// A test certificate authority and the server certificates it signs, made by openssl.
-struct Pki {
+pub struct Pki {
     dir: tempfile::TempDir,
 }
 
@@ -48,7 +48,7 @@ const OPENSSL_CONF: &str = "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nC
 [leaf]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\nsubjectAltName = $ENV::SAN\n";
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("openssl.cnf"), OPENSSL_CONF).unwrap();
         let pki = Pki { dir };
@@ -225,7 +225,7 @@ async fn a_client_hello_written_in_small_pieces_routes_and_arrives_unaltered() {
     }
 }
 
-fn postgres_program(name: &str) -> PathBuf {
+pub fn postgres_program(name: &str) -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| {
             d.filter_map(Result::ok)
@@ -253,7 +253,12 @@ fn as_postgres(program: &Path) -> Command {
 }
 
 /// A PostgreSQL cluster named `name` on `port` with TLS on, its certificate from `pki`.
-fn start_postgres(pki: &Pki, name: &str, port: u16) -> Peer {
+pub fn start_postgres(pki: &Pki, name: &str, port: u16) -> Peer {
+    start_postgres_at(pki, name, "127.0.0.1", port)
+}
+
+/// [`start_postgres`] listening on `ip`.
+pub fn start_postgres_at(pki: &Pki, name: &str, ip: &str, port: u16) -> Peer {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = pki.issue(name, &format!("DNS:{name}.test"));
     let data = dir.path().join("data");
@@ -280,7 +285,7 @@ fn start_postgres(pki: &Pki, name: &str, port: u16) -> Peer {
         .arg(dir.path())
         .args([
             "-c",
-            "listen_addresses=127.0.0.1",
+            &format!("listen_addresses={ip}"),
             "-c",
             "ssl=on",
             "-c",
@@ -319,7 +324,7 @@ fn start_postgres(pki: &Pki, name: &str, port: u16) -> Peer {
     peer
 }
 
-fn psql(conninfo: &str, sql: &str) -> String {
+pub fn psql(conninfo: &str, sql: &str) -> String {
     run(Command::new(postgres_program("psql"))
         .env("PGCONNECT_TIMEOUT", "20")
         .args([conninfo, "-Atc", sql]))

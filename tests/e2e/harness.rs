@@ -325,6 +325,13 @@ pub fn peer_port(attempt: u16) -> u16 {
     port
 }
 
+/// Whether `line` logs `backend` changing to state `to`.
+pub fn state_change(line: &str, backend: SocketAddr, to: &str) -> bool {
+    line.contains("backend state changed")
+        && field(line, "backend").as_deref() == Some(&backend.to_string())
+        && field(line, "to").as_deref() == Some(to)
+}
+
 /// The value of `key=value` in a tracing log line.
 pub fn field(line: &str, key: &str) -> Option<String> {
     let needle = format!("{key}=");

@@ -22,12 +22,6 @@ fn health_config(backends: &[(SocketAddr, bool)], health: &str) -> String {
     s
 }
 
-fn state_change(line: &str, backend: SocketAddr, to: &str) -> bool {
-    line.contains("backend state changed")
-        && field(line, "backend").as_deref() == Some(&backend.to_string())
-        && field(line, "to").as_deref() == Some(to)
-}
-
 /// Taken out of rotation: down by probes, or ejected by passive detection.
 fn removed(line: &str, backend: SocketAddr) -> bool {
     state_change(line, backend, "down") || state_change(line, backend, "ejected")

@@ -14,5 +14,6 @@ mod limits;
 mod netns;
 mod operations;
 mod peers;
+mod protocol_checks;
 mod tcp;
 mod udp;

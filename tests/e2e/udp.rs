@@ -327,7 +327,7 @@ async fn idle_flows_expire() {
 }
 
 /// A dnsmasq process, killed when dropped.
-struct Dnsmasq(std::process::Child);
+pub struct Dnsmasq(pub std::process::Child);
 
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
@@ -336,7 +336,7 @@ impl Drop for Dnsmasq {
     }
 }
 
-fn dig_once(dig: &str, port: u16, tries: u32) -> String {
+pub fn dig_once(dig: &str, port: u16, tries: u32) -> String {
     let out = std::process::Command::new(dig)
         .args([
             "+short",
@@ -353,7 +353,7 @@ fn dig_once(dig: &str, port: u16, tries: u32) -> String {
 
 /// Starts dnsmasq and waits until it answers directly (a readiness check, bounded); one
 /// that exits at start (its port taken meanwhile) is started again on another port.
-fn start_dnsmasq(dig: &str) -> (Dnsmasq, u16) {
+pub fn start_dnsmasq(dig: &str) -> (Dnsmasq, u16) {
     let dnsmasq = which("dnsmasq");
     let deadline = std::time::Instant::now() + PATIENCE;
     for attempt in 0.. {
@@ -412,7 +412,7 @@ async fn dig_resolves_through_l4lb_from_dnsmasq() {
     drop(lb);
 }
 
-fn which(program: &str) -> String {
+pub fn which(program: &str) -> String {
     for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"] {
         let path = format!("{dir}/{program}");
         if std::path::Path::new(&path).exists() {

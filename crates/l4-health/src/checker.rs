@@ -9,9 +9,9 @@ use l4_balance::{BackendState, Health, Pool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::probe::{tcp_connect, udp_port, ProbeError};
+use crate::probe::ProbeError;
 use crate::tracker::{Tracker, Verdict};
-use crate::{HealthSettings, ProbeKind};
+use crate::HealthSettings;
 
 /// The checks of one pool.
 #[derive(Debug, Clone)]
@@ -39,12 +39,12 @@ pub fn spawn_checks(
             let checker = checker.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let run = async {
-                    match checker.settings.probe {
-                        ProbeKind::Tcp => checker.run(state, tcp_connect).await,
-                        ProbeKind::Udp => checker.run(state, udp_port).await,
-                    }
+                let check = Arc::new(checker.settings.check.clone());
+                let probe = move |addr: SocketAddr, timeout: Duration| {
+                    let check = Arc::clone(&check);
+                    async move { check.probe(addr, timeout).await }
                 };
+                let run = checker.run(state, probe);
                 tokio::select! {
                     () = stop.cancelled() => {}
                     () = run => {}
@@ -71,7 +71,7 @@ impl Checker {
         P: Fn(SocketAddr, Duration) -> F,
         F: Future<Output = Result<(), ProbeError>>,
     {
-        let s = self.settings;
+        let s = &self.settings;
         let target = match s.port {
             Some(port) => SocketAddr::new(state.addr().ip(), port),
             None => state.addr(),
@@ -105,7 +105,7 @@ impl Checker {
         tracker: &mut Tracker,
         result: Result<(), ProbeError>,
     ) {
-        let s = self.settings;
+        let s = &self.settings;
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -194,7 +194,7 @@ mod tests {
             rise: 2,
             fall: 3,
             port: None,
-            probe: ProbeKind::Tcp,
+            check: crate::Check::TcpConnect,
             active: true,
         };
         let seen = scripted(settings, &[false, false, false, true, true, true]).await;

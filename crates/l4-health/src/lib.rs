@@ -5,27 +5,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
+pub mod check;
 mod checker;
 pub mod probe;
 mod tracker;
 
 use std::time::Duration;
 
+pub use check::{Check, Expect};
 pub use checker::{spawn_checks, Checker};
 pub use tracker::{Tracker, Verdict};
 
-/// How a backend is probed: by the protocol its listeners speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ProbeKind {
-    /// A TCP connect.
-    #[default]
-    Tcp,
-    /// An empty datagram, failing on ICMP port unreachable.
-    Udp,
-}
-
 /// Health settings of a pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSettings {
     /// Probe every backend this often (±10% jitter).
     pub interval: Duration,
@@ -37,8 +29,8 @@ pub struct HealthSettings {
     pub fall: u32,
     /// Probe this port instead of the service port.
     pub port: Option<u16>,
-    /// How backends are probed.
-    pub probe: ProbeKind,
+    /// What a probe does.
+    pub check: Check,
     /// Whether up backends are probed too. Without a `health:` section only down and
     /// ejected backends are probed (to bring them back); passive detection takes them out.
     pub active: bool,
@@ -52,7 +44,7 @@ impl Default for HealthSettings {
             rise: 2,
             fall: 3,
             port: None,
-            probe: ProbeKind::Tcp,
+            check: Check::TcpConnect,
             active: false,
         }
     }

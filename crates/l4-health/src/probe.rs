@@ -19,6 +19,9 @@ pub enum ProbeError {
     /// Another socket error.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The backend answered, but not as the check expects.
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
 }
 
 /// Opens and closes one TCP connection to `addr` within `timeout`.

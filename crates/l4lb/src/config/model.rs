@@ -82,6 +82,8 @@ pub const PREREAD_TIMEOUT: RangeInclusive<Duration> =
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `accept_proxy.timeout`.
 pub const DEFAULT_ACCEPT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes a health check sends or expects at most.
+pub const MAX_CHECK_BYTES: usize = 4096;
 /// SNI routes per listener.
 pub const MAX_SNI_ROUTES: usize = 10_000;
 

@@ -113,6 +113,23 @@ pub(super) struct RawHealth {
     pub(super) rise: Option<u32>,
     pub(super) fall: Option<u32>,
     pub(super) port: Option<u16>,
+    pub(super) check: Option<String>,
+    pub(super) send: Option<String>,
+    pub(super) send_hex: Option<String>,
+    pub(super) expect: Option<String>,
+    pub(super) expect_regex: Option<String>,
+    pub(super) http: Option<RawHttpCheck>,
+    pub(super) dns_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttpCheck {
+    pub(super) method: Option<String>,
+    pub(super) path: Option<String>,
+    pub(super) host: Option<String>,
+    #[serde(default)]
+    pub(super) status: Vec<u16>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,7 +17,7 @@ use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
 use l4_core::sni_routes::SniRoutes;
-use l4_health::{HealthSettings, ProbeKind};
+use l4_health::{Check, Expect, HealthSettings};
 
 use super::model::*;
 use super::raw::*;
@@ -545,11 +545,15 @@ impl Validator {
         nets
     }
 
-    fn health(&mut self, path: &str, raw: Option<&RawHealth>) -> HealthSettings {
-        let defaults = HealthSettings::default();
+    fn health(&mut self, path: &str, raw: Option<&RawHealth>, udp_only: bool) -> HealthSettings {
+        let mut defaults = HealthSettings::default();
+        if udp_only {
+            defaults.check = Check::UdpPort;
+        }
         let Some(h) = raw else {
             return defaults;
         };
+        let check = self.check(&format!("{path}.health"), h, udp_only);
         let rise = self.number(
             &format!("{path}.health.rise"),
             h.rise,
@@ -583,8 +587,231 @@ impl Validator {
             rise,
             fall,
             port: h.port,
-            probe: ProbeKind::Tcp,
+            check,
             active: true,
+        }
+    }
+
+    /// The check a `health:` section asks for: `check:` and the keys that go with it.
+    fn check(&mut self, path: &str, h: &RawHealth, udp_only: bool) -> Check {
+        let default_kind = if udp_only { "udp" } else { "tcp" };
+        let kind = h.check.as_deref().unwrap_or(default_kind);
+        // Which optional keys each kind takes; any other one set is an error.
+        let takes: &[&str] = match kind {
+            "send_expect" | "udp_send_expect" => &["send", "send_hex", "expect", "expect_regex"],
+            "http" => &["http"],
+            "dns" => &["dns_name"],
+            _ => &[],
+        };
+        for (key, set) in [
+            ("send", h.send.is_some()),
+            ("send_hex", h.send_hex.is_some()),
+            ("expect", h.expect.is_some()),
+            ("expect_regex", h.expect_regex.is_some()),
+            ("http", h.http.is_some()),
+            ("dns_name", h.dns_name.is_some()),
+        ] {
+            if set && !takes.contains(&key) {
+                self.error(
+                    format!("{path}.{key}"),
+                    format!("does not apply to check: {kind}"),
+                );
+            }
+        }
+        match kind {
+            "tcp" => Check::TcpConnect,
+            "udp" => Check::UdpPort,
+            "send_expect" | "udp_send_expect" => {
+                let send = self.check_payload(path, h);
+                let expect = self.check_expect(path, h);
+                if kind == "udp_send_expect" {
+                    if send.is_empty() {
+                        self.error(
+                            format!("{path}.send"),
+                            "udp_send_expect needs a datagram to send (send or send_hex)",
+                        );
+                    }
+                    Check::Udp { send, expect }
+                } else {
+                    if send.is_empty() && expect == Expect::Anything {
+                        self.error(
+                            format!("{path}.check"),
+                            "send_expect needs send, expect or both (a plain connect is check: tcp)",
+                        );
+                    }
+                    Check::Tcp { send, expect }
+                }
+            }
+            "http" => self.http_check(&format!("{path}.http"), h.http.as_ref()),
+            "redis_primary" => Check::Tcp {
+                send: b"INFO replication\r\n".to_vec(),
+                expect: Expect::Contains(b"role:master".to_vec()),
+            },
+            "postgres" => Check::Tcp {
+                send: l4_core::postgres::SSL_REQUEST.to_vec(),
+                expect: Expect::FirstByte(b"SN".to_vec()),
+            },
+            "mysql" => Check::Tcp {
+                send: Vec::new(),
+                // A protocol 10 greeting: 3-byte length, sequence 0, version byte 10.
+                expect: match regex::bytes::Regex::new(r"(?s-u)\A.{3}\x00\x0a") {
+                    Ok(re) => Expect::Regex(re),
+                    Err(_) => Expect::Anything,
+                },
+            },
+            "dns" => {
+                let name = h.dns_name.clone().unwrap_or_else(|| "localhost".into());
+                let trimmed = name.trim_end_matches('.');
+                let valid = !trimmed.is_empty()
+                    && trimmed.len() <= 253
+                    && trimmed.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    });
+                if !valid {
+                    self.error(
+                        format!("{path}.dns_name"),
+                        format!("{name:?} is not a DNS name"),
+                    );
+                }
+                Check::Dns { name }
+            }
+            other => {
+                self.error(
+                    format!("{path}.check"),
+                    format!("unknown check {other:?} (expected tcp, udp, send_expect, udp_send_expect, http, redis_primary, postgres, mysql or dns)"),
+                );
+                Check::TcpConnect
+            }
+        }
+    }
+
+    /// `send` (text; YAML's escapes give CR, LF and the like) or `send_hex` (bytes).
+    fn check_payload(&mut self, path: &str, h: &RawHealth) -> Vec<u8> {
+        let bytes = match (&h.send, &h.send_hex) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    format!("{path}.send_hex"),
+                    "give send or send_hex, not both",
+                );
+                Vec::new()
+            }
+            (Some(text), None) => text.as_bytes().to_vec(),
+            (None, Some(hex)) => {
+                let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+                let decoded: Option<Vec<u8>> = digits
+                    .chunks(2)
+                    .map(|pair| {
+                        let text = std::str::from_utf8(pair).ok()?;
+                        (pair.len() == 2).then_some(())?;
+                        u8::from_str_radix(text, 16).ok()
+                    })
+                    .collect();
+                decoded.unwrap_or_else(|| {
+                    self.error(
+                        format!("{path}.send_hex"),
+                        "must be pairs of hex digits (spaces allowed)",
+                    );
+                    Vec::new()
+                })
+            }
+            (None, None) => Vec::new(),
+        };
+        if bytes.len() > MAX_CHECK_BYTES {
+            self.error(
+                format!("{path}.send"),
+                format!("{} bytes (at most {MAX_CHECK_BYTES})", bytes.len()),
+            );
+        }
+        bytes
+    }
+
+    fn check_expect(&mut self, path: &str, h: &RawHealth) -> Expect {
+        match (&h.expect, &h.expect_regex) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    format!("{path}.expect_regex"),
+                    "give expect or expect_regex, not both",
+                );
+                Expect::Anything
+            }
+            (Some(text), None) if text.is_empty() || text.len() > MAX_CHECK_BYTES => {
+                self.error(
+                    format!("{path}.expect"),
+                    format!("must be 1 to {MAX_CHECK_BYTES} bytes"),
+                );
+                Expect::Anything
+            }
+            (Some(text), None) => Expect::Contains(text.as_bytes().to_vec()),
+            (None, Some(pattern)) => {
+                match regex::bytes::RegexBuilder::new(pattern)
+                    .size_limit(1 << 20)
+                    .build()
+                {
+                    Ok(re) => Expect::Regex(re),
+                    Err(e) => {
+                        self.error(format!("{path}.expect_regex"), e.to_string());
+                        Expect::Anything
+                    }
+                }
+            }
+            (None, None) => Expect::Anything,
+        }
+    }
+
+    /// An HTTP check: a request on a fresh connection, judged by its status line.
+    fn http_check(&mut self, path: &str, raw: Option<&RawHttpCheck>) -> Check {
+        let method = raw
+            .and_then(|r| r.method.clone())
+            .unwrap_or_else(|| "GET".into());
+        if method.is_empty() || method.len() > 16 || !method.bytes().all(|b| b.is_ascii_uppercase())
+        {
+            self.error(
+                format!("{path}.method"),
+                format!("{method:?} is not an HTTP method"),
+            );
+        }
+        let target = raw
+            .and_then(|r| r.path.clone())
+            .unwrap_or_else(|| "/".into());
+        if !target.starts_with('/')
+            || target.len() > 1024
+            || !target.bytes().all(|b| b.is_ascii_graphic())
+        {
+            self.error(
+                format!("{path}.path"),
+                format!("{target:?} is not a request path (starts with /, no spaces)"),
+            );
+        }
+        let host = raw
+            .and_then(|r| r.host.clone())
+            .unwrap_or_else(|| "localhost".into());
+        if host.is_empty() || host.len() > 255 || !host.bytes().all(|b| b.is_ascii_graphic()) {
+            self.error(format!("{path}.host"), format!("{host:?} is not a host"));
+        }
+        let statuses: Vec<(u16, u16)> = match raw.map(|r| r.status.as_slice()) {
+            Some(codes) if !codes.is_empty() => {
+                for code in codes {
+                    if !(100..=599).contains(code) {
+                        self.error(
+                            format!("{path}.status"),
+                            format!("{code} is outside 100..=599"),
+                        );
+                    }
+                }
+                codes.iter().map(|&c| (c, c)).collect()
+            }
+            // As HAProxy's httpchk: any 2xx or 3xx.
+            _ => vec![(200, 399)],
+        };
+        Check::Tcp {
+            send: format!(
+                "{method} {target} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: l4lb-health\r\nConnection: close\r\n\r\n"
+            )
+            .into_bytes(),
+            expect: Expect::HttpStatus(statuses),
         }
     }
 
@@ -833,11 +1060,8 @@ impl Validator {
             let udp_only =
                 udp_pools.contains(p.name.as_str()) && !tcp_pools.contains(p.name.as_str());
             let algorithm = self.algorithm(&path, p, udp_only);
-            let mut health = self.health(&path, p.health.as_ref());
+            let health = self.health(&path, p.health.as_ref(), udp_only);
             let passive = self.passive(&path, p.passive.as_ref());
-            if udp_only {
-                health.probe = ProbeKind::Udp;
-            }
             if p.backends.is_empty() {
                 self.error(
                     format!("{path}.backends"),
@@ -1076,6 +1300,83 @@ pools:
             assert!(
                 errs.iter().any(|e| e.starts_with(want)),
                 "{want} not in {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_checks_parse_and_their_misuse_is_explained() {
+        let with = |health: &str| {
+            GOOD.replace(
+                "  - name: web\n",
+                &format!("  - name: web\n    health: {health}\n"),
+            )
+        };
+        let check = |health: &str| parse(&with(health)).unwrap().pools[0].health.check.clone();
+        assert_eq!(check("{ interval: 1s }"), Check::TcpConnect);
+        assert!(matches!(
+            check(r#"{ check: send_expect, send: "PING\r\n", expect: "+PONG" }"#),
+            Check::Tcp { send, expect: Expect::Contains(e) } if send == b"PING\r\n" && e == b"+PONG"
+        ));
+        assert!(matches!(
+            check(r#"{ check: udp_send_expect, send_hex: "00 01 ff", expect_regex: "^ok" }"#),
+            Check::Udp { send, expect: Expect::Regex(_) } if send == [0, 1, 255]
+        ));
+        assert!(matches!(
+            check("{ check: http, http: { path: /primary, status: [200] }, port: 8008 }"),
+            Check::Tcp { send, expect: Expect::HttpStatus(s) }
+                if send.starts_with(b"GET /primary HTTP/1.0\r\n") && s == vec![(200, 200)]
+        ));
+        assert!(
+            matches!(check("{ check: dns, dns_name: example.com }"), Check::Dns { name } if name == "example.com")
+        );
+        assert!(matches!(
+            check("{ check: postgres }"),
+            Check::Tcp {
+                expect: Expect::FirstByte(_),
+                ..
+            }
+        ));
+        for (health, want) in [
+            ("{ check: ping }", "health.check: unknown check \"ping\""),
+            (
+                "{ check: tcp, send: x }",
+                "health.send: does not apply to check: tcp",
+            ),
+            (
+                "{ check: send_expect }",
+                "health.check: send_expect needs send, expect or both",
+            ),
+            (
+                "{ check: udp_send_expect, expect: x }",
+                "health.send: udp_send_expect needs a datagram",
+            ),
+            (
+                "{ check: send_expect, send_hex: abc }",
+                "health.send_hex: must be pairs of hex digits",
+            ),
+            (
+                "{ check: send_expect, expect_regex: \"(\" }",
+                "health.expect_regex: regex parse error",
+            ),
+            (
+                "{ check: http, http: { path: primary, status: [600] } }",
+                "health.http.path: \"primary\" is not a request path",
+            ),
+            (
+                "{ check: http, http: { status: [600] } }",
+                "health.http.status: 600 is outside 100..=599",
+            ),
+            (
+                "{ check: dns, dns_name: \"a..b\" }",
+                "health.dns_name: \"a..b\" is not a DNS name",
+            ),
+        ] {
+            let errs = errors(&with(health));
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with(&format!("pools[0].{want}"))),
+                "{health}: {errs:#?}"
             );
         }
     }

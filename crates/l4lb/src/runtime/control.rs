@@ -491,7 +491,7 @@ fn build_snapshot(config: &PoolConfig, old: Option<&Arc<Pool>>) -> Result<PoolSn
 
 fn start_checks(pool: &Arc<Pool>, config: &PoolConfig) -> CancellationToken {
     let token = CancellationToken::new();
-    spawn_checks(Arc::clone(pool), config.health, token.clone());
+    spawn_checks(Arc::clone(pool), config.health.clone(), token.clone());
     token
 }
 

@@ -1,0 +1,164 @@
+//! Health checks that speak the protocol, against real peers: a Redis primary/replica
+//! pair whose roles swap, PostgreSQL behind Patroni-style role endpoints on a side port,
+//! and dnsmasq resolvers that stop or pause.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::edge::{psql, run, start_postgres_at, Pki};
+use crate::harness::*;
+use crate::udp::{dig_once, start_dnsmasq, which};
+
+fn start_redis(port: u16) -> Peer {
+    let redis = program(
+        &["/usr/bin/redis-server", "/usr/sbin/redis-server"],
+        "redis-server",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(redis);
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let peer = Peer::spawn(&mut command, dir);
+    wait_accepting(([127, 0, 0, 1], port).into(), "redis");
+    peer
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    run(Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args))
+}
+
+#[test]
+fn redis_primary_check_follows_a_role_swap() {
+    let (a, b) = (peer_port(31), peer_port(32));
+    let _ra = start_redis(a);
+    let _rb = start_redis(b);
+    redis_cli(b, &["REPLICAOF", "127.0.0.1", &a.to_string()]);
+    let lb = Balancer::start(&format!(
+        "workers: 2\nlisteners:\n  - {{ name: redis, bind: \"127.0.0.1:0\", pool: redis }}\npools:\n  - name: redis\n    health: {{ check: redis_primary, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.1:{a}\" }}\n      - {{ address: \"127.0.0.1:{b}\" }}\n"
+    ));
+    let lb_port = lb.addr().port();
+    let (addr_a, addr_b): (std::net::SocketAddr, std::net::SocketAddr) =
+        (([127, 0, 0, 1], a).into(), ([127, 0, 0, 1], b).into());
+    lb.wait_for_log(|l| state_change(l, addr_b, "down"));
+    // Every new connection reaches the primary: writes succeed, and it is `a`.
+    for i in 0..6 {
+        assert_eq!(redis_cli(lb_port, &["SET", &format!("k{i}"), "v"]), "OK");
+        assert_eq!(
+            redis_cli(lb_port, &["CONFIG", "GET", "port"]),
+            format!("port\n{a}")
+        );
+    }
+    // Swap the roles: `b` becomes the primary, `a` its replica.
+    redis_cli(b, &["REPLICAOF", "NO", "ONE"]);
+    redis_cli(a, &["REPLICAOF", "127.0.0.1", &b.to_string()]);
+    lb.wait_for_log(|l| state_change(l, addr_a, "down"));
+    lb.wait_for_log(|l| state_change(l, addr_b, "up"));
+    for i in 0..6 {
+        assert_eq!(redis_cli(lb_port, &["SET", &format!("k{i}"), "w"]), "OK");
+        assert_eq!(
+            redis_cli(lb_port, &["CONFIG", "GET", "port"]),
+            format!("port\n{b}")
+        );
+    }
+}
+
+/// A Patroni-style REST endpoint on `ip:port`: `GET /primary` answers 200 while `primary`
+/// is set, 503 otherwise.
+async fn role_endpoint(ip: &str, port: u16, primary: Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let primary = Arc::clone(&primary);
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let n = s.read(&mut request).await.unwrap_or(0);
+                let asks_primary = request[..n].starts_with(b"GET /primary ");
+                let status = if asks_primary && primary.load(Ordering::SeqCst) {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroni_style_http_check_sends_psql_to_the_primary() {
+    let pki = Pki::new();
+    let (pg_port, api_port) = (peer_port(33), peer_port(34));
+    let nodes = [("node1", "127.0.0.2"), ("node2", "127.0.0.3")];
+    let roles = [
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(false)),
+    ];
+    let mut servers = Vec::new();
+    for ((name, ip), role) in nodes.iter().zip(&roles) {
+        role_endpoint(ip, api_port, Arc::clone(role)).await;
+        let pki = &pki;
+        servers.push(tokio::task::block_in_place(|| {
+            start_postgres_at(pki, name, ip, pg_port)
+        }));
+    }
+    let lb = Balancer::start(&format!(
+        "workers: 2\nlisteners:\n  - {{ name: pg, bind: \"127.0.0.1:0\", pool: pg }}\npools:\n  - name: pg\n    health: {{ check: http, http: {{ path: /primary, status: [200] }}, port: {api_port}, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.2:{pg_port}\" }}\n      - {{ address: \"127.0.0.3:{pg_port}\" }}\n"
+    ));
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
+        lb.addr().port()
+    );
+    let node = |ip: [u8; 4]| std::net::SocketAddr::from((ip, pg_port));
+    lb.wait_for_log(|l| state_change(l, node([127, 0, 0, 3]), "down"));
+    for _ in 0..4 {
+        let who = tokio::task::block_in_place(|| psql(&conninfo, "show cluster_name"));
+        assert_eq!(who, "node1");
+    }
+    // Failover: node2 is promoted, node1 demoted.
+    roles[0].store(false, Ordering::SeqCst);
+    roles[1].store(true, Ordering::SeqCst);
+    lb.wait_for_log(|l| state_change(l, node([127, 0, 0, 2]), "down"));
+    lb.wait_for_log(|l| state_change(l, node([127, 0, 0, 3]), "up"));
+    for _ in 0..4 {
+        let who = tokio::task::block_in_place(|| psql(&conninfo, "show cluster_name"));
+        assert_eq!(who, "node2");
+    }
+}
+
+#[test]
+fn dns_check_takes_out_a_stopped_and_a_paused_resolver() {
+    let dig = which("dig");
+    let (healthy, healthy_port) = start_dnsmasq(&dig);
+    let (stopped, stopped_port) = start_dnsmasq(&dig);
+    let (paused, paused_port) = start_dnsmasq(&dig);
+    let lb = Balancer::start(&format!(
+        "workers: 2\nlisteners:\n  - {{ name: dns, bind: \"127.0.0.1:0\", protocol: udp, pool: dns }}\npools:\n  - name: dns\n    algorithm: round_robin\n    health: {{ check: dns, dns_name: www.l4lb.test, interval: 100ms, timeout: 300ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.1:{healthy_port}\" }}\n      - {{ address: \"127.0.0.1:{stopped_port}\" }}\n      - {{ address: \"127.0.0.1:{paused_port}\" }}\n"
+    ));
+    drop(stopped);
+    // SIGSTOP: the port stays open (no ICMP unreachable), nothing answers.
+    let paused_pid = nix::unistd::Pid::from_raw(paused.0.id() as i32);
+    nix::sys::signal::kill(paused_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    for port in [stopped_port, paused_port] {
+        lb.wait_for_log(|l| state_change(l, ([127, 0, 0, 1], port).into(), "down"));
+    }
+    // Each dig is a new flow (a new source port): all answered, by the healthy one.
+    let lb_port = lb.addr().port();
+    for _ in 0..6 {
+        assert_eq!(dig_once(&dig, lb_port, 1), "192.0.2.7");
+    }
+    let _ = nix::sys::signal::kill(paused_pid, nix::sys::signal::Signal::SIGCONT);
+    drop(paused);
+    drop(healthy);
+}
