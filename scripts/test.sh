@@ -18,6 +18,9 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+# Protocol health checks: a Redis primary/replica pair swaps roles behind l4lb.
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 # promtool checks /metrics; prlimit (util-linux) and ip (iproute2) run l4lb under a
 # descriptor limit and in network namespaces.
 command -v promtool >/dev/null || need+=(prometheus)

@@ -6,6 +6,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::io::{Read, Write};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::edge::{psql, run, start_postgres_at, Pki};
@@ -44,7 +46,7 @@ fn redis_primary_check_follows_a_role_swap() {
     let _rb = start_redis(b);
     redis_cli(b, &["REPLICAOF", "127.0.0.1", &a.to_string()]);
     let lb = Balancer::start(&format!(
-        "workers: 2\nlisteners:\n  - {{ name: redis, bind: \"127.0.0.1:0\", pool: redis }}\npools:\n  - name: redis\n    health: {{ check: redis_primary, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.1:{a}\" }}\n      - {{ address: \"127.0.0.1:{b}\" }}\n"
+        "workers: 2\nlisteners:\n  - {{ name: redis, bind: \"127.0.0.1:0\", pool: redis }}\npools:\n  - name: redis\n    on_down: close\n    health: {{ check: redis_primary, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.1:{a}\" }}\n      - {{ address: \"127.0.0.1:{b}\" }}\n"
     ));
     let lb_port = lb.addr().port();
     let (addr_a, addr_b): (std::net::SocketAddr, std::net::SocketAddr) =
@@ -58,10 +60,25 @@ fn redis_primary_check_follows_a_role_swap() {
             format!("port\n{a}")
         );
     }
+    // A client session on the primary, open across the swap.
+    let mut session = std::net::TcpStream::connect(lb.addr()).unwrap();
+    session.set_read_timeout(Some(PATIENCE)).unwrap();
+    session.write_all(b"PING\r\n").unwrap();
+    let mut pong = [0u8; 7];
+    session.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
     // Swap the roles: `b` becomes the primary, `a` its replica.
     redis_cli(b, &["REPLICAOF", "NO", "ONE"]);
     redis_cli(a, &["REPLICAOF", "127.0.0.1", &b.to_string()]);
     lb.wait_for_log(|l| state_change(l, addr_a, "down"));
+    // on_down: close: the old primary's session is reset at once, not left writing to a
+    // replica.
+    let mut rest = [0u8; 16];
+    let cut = session.read(&mut rest);
+    assert!(
+        matches!(&cut, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{cut:?}"
+    );
     lb.wait_for_log(|l| state_change(l, addr_b, "up"));
     for i in 0..6 {
         assert_eq!(redis_cli(lb_port, &["SET", &format!("k{i}"), "w"]), "OK");
@@ -161,4 +178,23 @@ fn dns_check_takes_out_a_stopped_and_a_paused_resolver() {
     let _ = nix::sys::signal::kill(paused_pid, nix::sys::signal::Signal::SIGCONT);
     drop(paused);
     drop(healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_accepts_and_closes_at_once_is_ejected_by_passive_detection() {
+    // Accepts, then closes without a byte (a dead application behind a live socket).
+    let dies = backend(|s| async move { drop(s) }).await;
+    let good = named_backend("good").await;
+    let lb = Balancer::start(&format!(
+        "workers: 1\nlisteners:\n  - {{ name: t, bind: \"127.0.0.1:0\", pool: p }}\npools:\n  - name: p\n    passive: {{ failures: 3, ejection_time: 60s }}\n    backends:\n      - {{ address: \"{dies}\" }}\n      - {{ address: \"{good}\" }}\n"
+    ));
+    // Round robin: every other connection meets the dying backend until it is ejected.
+    for _ in 0..6 {
+        let _ = fetch(lb.addr()).await;
+    }
+    let line = lb.wait_for_log(|l| state_change(l, dies, "ejected"));
+    assert!(line.contains("closed before any byte"), "{line}");
+    for _ in 0..10 {
+        assert_eq!(fetch(lb.addr()).await.unwrap(), "good");
+    }
 }

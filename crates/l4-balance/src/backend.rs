@@ -90,6 +90,9 @@ pub struct BackendState {
     pub stats: BackendStats,
     /// Why the state last changed (for the admin API); written only on a change.
     why: arc_swap::ArcSwapOption<String>,
+    /// Cancelled to cut the backend's live connections (`on_down: close`); replaced by a
+    /// fresh one at each cut, so later connections are not affected.
+    sessions: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
 }
 
 /// Why a connect failed, for metrics.
@@ -101,14 +104,17 @@ pub enum FailureReason {
     Timeout = 1,
     /// Host or network unreachable, reset during the handshake.
     Unreachable = 2,
+    /// Accepted, then closed or reset before a byte moved either way.
+    EmptyClose = 3,
 }
 
 impl FailureReason {
     /// Every reason, in label order.
-    pub const ALL: [FailureReason; 3] = [
+    pub const ALL: [FailureReason; 4] = [
         FailureReason::Refused,
         FailureReason::Timeout,
         FailureReason::Unreachable,
+        FailureReason::EmptyClose,
     ];
 
     /// The metric label.
@@ -117,6 +123,7 @@ impl FailureReason {
             FailureReason::Refused => "refused",
             FailureReason::Timeout => "timeout",
             FailureReason::Unreachable => "unreachable",
+            FailureReason::EmptyClose => "empty_close",
         }
     }
 }
@@ -130,7 +137,7 @@ pub const CONNECT_BUCKETS: [f64; 10] = [
 /// connection, no lock, no allocation) and summed by the admin endpoint when scraped.
 #[derive(Debug, Default)]
 pub struct BackendStats {
-    failures: [AtomicU64; 3],
+    failures: [AtomicU64; 4],
     connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
     connect_sum_us: AtomicU64,
     state_changes: AtomicU64,
@@ -231,7 +238,22 @@ impl BackendState {
             cap_warned: AtomicBool::new(false),
             stats: BackendStats::default(),
             why: arc_swap::ArcSwapOption::empty(),
+            sessions: arc_swap::ArcSwap::from_pointee(tokio_util::sync::CancellationToken::new()),
         }
+    }
+
+    /// The signal that cuts this backend's live connections; a connection takes it once,
+    /// when it starts relaying.
+    pub fn sessions(&self) -> tokio_util::sync::CancellationToken {
+        (*self.sessions.load_full()).clone()
+    }
+
+    /// Cuts every live connection that took [`BackendState::sessions`] before now.
+    pub fn cut_sessions(&self) {
+        let old = self
+            .sessions
+            .swap(Arc::new(tokio_util::sync::CancellationToken::new()));
+        old.cancel();
     }
 
     /// Why the state last changed, if it ever did.

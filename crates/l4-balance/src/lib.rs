@@ -23,4 +23,4 @@ pub use backend::{
 pub use flow_key::{FlowKey, HashKey, Protocol};
 pub use outlier::OutlierSettings;
 pub use pool::Pool;
-pub use snapshot::{PoolError, PoolSnapshot};
+pub use snapshot::{OnDown, PoolError, PoolSnapshot};

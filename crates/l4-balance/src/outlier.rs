@@ -22,6 +22,9 @@ pub struct OutlierSettings {
     /// The longest ejection; also how long a backend must stay up for the next ejection to
     /// start over at `ejection_time`.
     pub max_ejection_time: Duration,
+    /// Whether a backend that accepts and then closes or resets before a byte moved
+    /// either way counts as a failed connect (an accept-then-die backend).
+    pub empty_close_fails: bool,
 }
 
 impl Default for OutlierSettings {
@@ -31,6 +34,7 @@ impl Default for OutlierSettings {
             max_ejection_percent: 50,
             ejection_time: Duration::from_secs(2),
             max_ejection_time: Duration::from_secs(60),
+            empty_close_fails: true,
         }
     }
 }

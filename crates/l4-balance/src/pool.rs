@@ -69,6 +69,14 @@ impl Pool {
     #[inline]
     pub fn connect_succeeded(&self, state: &BackendState, now: Instant) {
         state.record_connect_success();
+        self.connect_accepted(state, now);
+    }
+
+    /// The backend accepted a connection, but whether it serves it is not known yet
+    /// (`empty_close_fails`: the streak ends only once a byte moves, through
+    /// [`Pool::connect_succeeded`]). A fail-open ejected backend still comes back at once.
+    #[inline]
+    pub fn connect_accepted(&self, state: &BackendState, now: Instant) {
         if state.health() == Health::Ejected && !self.snapshot.load().has_usable() {
             if let Some(from) = state.mark_up(now) {
                 self.announce(
@@ -154,6 +162,11 @@ impl Pool {
         if let Some(b) = snapshot.backends().find(|b| b.spec.addr == backend) {
             b.state.stats.record_state_change();
             b.state.set_why(reason.to_string());
+            if to == Health::Down && snapshot.on_down() == crate::OnDown::Close {
+                let live = b.state.active();
+                b.state.cut_sessions();
+                tracing::warn!(pool = self.name(), backend = %backend, connections = live, "on_down: close: resetting the backend's live connections");
+            }
         }
         let usable = snapshot.backends().filter(|b| b.state.is_usable()).count();
         // Said when the pool loses its last usable backend, not again when an unusable
@@ -273,6 +286,7 @@ mod tests {
             max_ejection_percent: 100,
             ejection_time: Duration::from_secs(2),
             max_ejection_time: Duration::from_secs(5),
+            ..OutlierSettings::default()
         };
         let (pool, s) = pool(1, settings);
         let mut now = Instant::now();

@@ -60,6 +60,7 @@ impl Tier {
 pub struct PoolSnapshot {
     algorithm: Algorithm,
     outlier: OutlierSettings,
+    on_down: OnDown,
     primary: Tier,
     backup: Tier,
 }
@@ -103,6 +104,7 @@ impl PoolSnapshot {
         Ok(PoolSnapshot {
             algorithm,
             outlier: OutlierSettings::default(),
+            on_down: OnDown::Keep,
             primary: Tier::new(algorithm, primary),
             backup: Tier::new(algorithm, backup),
         })
@@ -112,6 +114,17 @@ impl PoolSnapshot {
     pub fn with_outlier(mut self, outlier: OutlierSettings) -> Self {
         self.outlier = outlier;
         self
+    }
+
+    /// The same snapshot with this policy for live connections of a backend that goes down.
+    pub fn with_on_down(mut self, on_down: OnDown) -> Self {
+        self.on_down = on_down;
+        self
+    }
+
+    /// What happens to the live connections of a backend that goes down.
+    pub fn on_down(&self) -> OnDown {
+        self.on_down
     }
 
     /// Selects a usable backend not in `exclude` (addresses already tried for this
@@ -157,6 +170,17 @@ impl PoolSnapshot {
     pub fn has_usable(&self) -> bool {
         self.backends().any(|b| b.state.is_usable())
     }
+}
+
+/// What happens to a backend's live connections when checks mark it down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDown {
+    /// They go on (the backend may still serve them; a draining-like end).
+    #[default]
+    Keep,
+    /// They are reset, so clients reconnect to a healthy backend at once (a database
+    /// primary that was demoted: HAProxy's `on-marked-down shutdown-sessions`).
+    Close,
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::pipe_pool;
 
@@ -84,6 +85,8 @@ pub enum RelayEnd {
     Reset(Side),
     /// No traffic in either direction for `idle_timeout`.
     IdleTimeout,
+    /// Cut because the backend went down (`on_down: close`); both sides were reset.
+    BackendDown,
 }
 
 impl RelayEnd {
@@ -94,6 +97,7 @@ impl RelayEnd {
             RelayEnd::Reset(Side::Client) => "client_reset",
             RelayEnd::Reset(Side::Backend) => "backend_reset",
             RelayEnd::IdleTimeout => "idle_timeout",
+            RelayEnd::BackendDown => "backend_down",
         }
     }
 }
@@ -111,6 +115,8 @@ pub struct RelayReport {
     pub error: Option<io::ErrorKind>,
     /// Bytes (both ways) that moved with splice rather than through user space.
     pub spliced_bytes: u64,
+    /// The side whose FIN ended its direction first, if either did.
+    pub first_fin: Option<Side>,
 }
 
 /// Counters the two directions share with the relay and its idle watch.
@@ -527,6 +533,7 @@ pub async fn relay(
     backend: TcpStream,
     options: RelayOptions,
     on_first_byte: FirstByteHook<'_>,
+    cut: Option<CancellationToken>,
 ) -> RelayReport {
     let progress = Progress::new();
     let mut guard = CutGuard {
@@ -566,20 +573,36 @@ pub async fn relay(
             tokio::time::sleep_until(deadline).await;
         }
     };
-    tokio::pin!(up, down, idle);
+    let cut_signal = async {
+        match &cut {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(up, down, idle, cut_signal);
 
     let (mut up_done, mut down_done) = (false, false);
+    // Which direction ended first with a FIN: a backend that closes before anything
+    // moved is an accept-then-die backend (passive detection).
+    let mut first_fin = None;
     let (end, error) = loop {
         tokio::select! {
             result = &mut up, if !up_done => match result {
-                Ok(()) => up_done = true,
+                Ok(()) => {
+                    up_done = true;
+                    first_fin = first_fin.or(Some(Side::Client));
+                }
                 Err(e) => break (RelayEnd::Reset(e.side), Some(e.error)),
             },
             result = &mut down, if !down_done => match result {
-                Ok(()) => down_done = true,
+                Ok(()) => {
+                    down_done = true;
+                    first_fin = first_fin.or(Some(Side::Backend));
+                }
                 Err(e) => break (RelayEnd::Reset(e.side), Some(e.error)),
             },
             () = &mut idle => break (RelayEnd::IdleTimeout, None),
+            () = &mut cut_signal => break (RelayEnd::BackendDown, None),
         }
         if up_done && down_done {
             break (RelayEnd::Closed, None);
@@ -595,6 +618,12 @@ pub async fn relay(
             abort(&client);
             abort(&backend);
         }
+        // The client must reconnect (to a healthy backend): a reset, never a FIN that
+        // could end a response that looks complete.
+        RelayEnd::BackendDown => {
+            abort(&client);
+            abort(&backend);
+        }
         RelayEnd::IdleTimeout | RelayEnd::Closed => {}
     }
     guard.finished = true;
@@ -604,5 +633,6 @@ pub async fn relay(
         end,
         error: error.map(|e| e.kind()),
         spliced_bytes: progress.spliced.load(Ordering::Relaxed),
+        first_fin,
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::{bump, ACCESS_LOG};
 use arc_swap::ArcSwap;
-use l4_balance::{BackendHandle, FlowKey, Pool, Protocol, TimeMetric};
+use l4_balance::{BackendHandle, FailureReason, FlowKey, OnDown, Pool, Protocol, TimeMetric};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -23,7 +23,7 @@ use crate::preread::{
     peek_server_name, postgres_backend_tls, postgres_start, read_proxy_header, PeekEnd, ServerName,
 };
 use crate::proxy_protocol::{self, ProxyProtocol, Transport};
-use crate::relay::{relay, RelayOptions};
+use crate::relay::{relay, RelayEnd, RelayOptions, RelayReport, Side};
 use crate::sni_routes::SniRoutes;
 use crate::source_limit::{now_second, ConcurrentPerSource, RatePerSource};
 
@@ -338,14 +338,36 @@ async fn handle(
             return;
         }
     }
-    let metric = target.pool.snapshot().algorithm().time_metric();
+    let (metric, cut, empty_close_fails) = {
+        let snapshot = target.pool.snapshot();
+        let cut = (snapshot.on_down() == OnDown::Close).then(|| handle.state().sessions());
+        let metric = snapshot.algorithm().time_metric();
+        (metric, cut, snapshot.outlier().empty_close_fails)
+    };
+    let relaying = Instant::now();
     let report = if metric == Some(TimeMetric::FirstByte) {
         let state = handle.state();
         let hook = |elapsed: Duration| state.record_response_time(elapsed);
-        relay(client, backend, service.relay, Some(&hook)).await
+        relay(client, backend, service.relay, Some(&hook), cut).await
     } else {
-        relay(client, backend, service.relay, None).await
+        relay(client, backend, service.relay, None, cut).await
     };
+    if empty_close_fails {
+        let now = Instant::now().into_std();
+        // Only a quick close counts: a backend that times out a client that never spoke
+        // (a slow or idle client) is doing its job, and clients must not be able to
+        // eject backends that way.
+        if closed_before_any_byte(&report) && relaying.elapsed() < service.connect_timeout {
+            target.pool.connect_failed(
+                handle.state(),
+                FailureReason::EmptyClose,
+                &"accepted, then closed before any byte",
+                now,
+            );
+        } else {
+            target.pool.connect_succeeded(handle.state(), now);
+        }
+    }
     bump(&service.stats.bytes_in, report.client_to_backend);
     bump(&service.stats.bytes_out, report.backend_to_client);
     bump(&service.stats.spliced_bytes, report.spliced_bytes);
@@ -368,6 +390,19 @@ async fn handle(
         "connection closed"
     );
     drop(handle);
+}
+
+/// Whether the backend ended a connection on which no byte moved either way: it reset it,
+/// or its FIN came first. (A client that leaves first without a word is not the
+/// backend's fault.)
+fn closed_before_any_byte(report: &RelayReport) -> bool {
+    report.client_to_backend == 0
+        && report.backend_to_client == 0
+        && match report.end {
+            RelayEnd::Reset(Side::Backend) => true,
+            RelayEnd::Closed => report.first_fin == Some(Side::Backend),
+            _ => false,
+        }
 }
 
 /// Where a connection goes, as the preread decided.
@@ -450,6 +485,7 @@ async fn connect_backend(
             break;
         };
         let measure_connect = snapshot.algorithm().time_metric() == Some(TimeMetric::Connect);
+        let judged_later = snapshot.outlier().empty_close_fails;
         drop(snapshot);
         let addr = handle.addr();
         let started = Instant::now();
@@ -460,9 +496,13 @@ async fn connect_backend(
                 if measure_connect {
                     handle.state().record_response_time(took);
                 }
-                target
-                    .pool
-                    .connect_succeeded(handle.state(), Instant::now().into_std());
+                let now = Instant::now().into_std();
+                if judged_later {
+                    // An accept-then-die backend must not end its own failure streak.
+                    target.pool.connect_accepted(handle.state(), now);
+                } else {
+                    target.pool.connect_succeeded(handle.state(), now);
+                }
                 return Ok((stream, handle));
             }
             Err(e) => {

@@ -7,7 +7,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use l4_balance::{Algorithm, BackendSpec, OutlierSettings};
+use l4_balance::{Algorithm, BackendSpec, OnDown, OutlierSettings};
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
 use l4_core::relay::RelayMode;
@@ -82,6 +82,9 @@ pub const PREREAD_TIMEOUT: RangeInclusive<Duration> =
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `accept_proxy.timeout`.
 pub const DEFAULT_ACCEPT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// `close_after`.
+pub const CLOSE_AFTER: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(24 * 3600);
 /// Bytes a health check sends or expects at most.
 pub const MAX_CHECK_BYTES: usize = 4096;
 /// SNI routes per listener.
@@ -222,6 +225,11 @@ pub struct PoolConfig {
     pub health: HealthSettings,
     /// Passive detection (outlier ejection) on the data path.
     pub passive: OutlierSettings,
+    /// What happens to a backend's live connections when checks mark it down.
+    pub on_down: OnDown,
+    /// With `on_down: close`: how long the live connections of a backend a reload
+    /// removed may go on before they are reset.
+    pub close_after: Duration,
     /// Local addresses connections and flows to the backends leave from (empty: chosen by
     /// the route). Each adds a full range of local ports.
     pub source: Vec<IpAddr>,

@@ -90,6 +90,8 @@ pub(super) struct RawPool {
     pub(super) least_time: Option<String>,
     pub(super) health: Option<RawHealth>,
     pub(super) passive: Option<RawPassive>,
+    pub(super) on_down: Option<String>,
+    pub(super) close_after: Option<RawDuration>,
     #[serde(default)]
     pub(super) source: Vec<String>,
     #[serde(default)]
@@ -103,6 +105,7 @@ pub(super) struct RawPassive {
     pub(super) max_ejection_percent: Option<u32>,
     pub(super) ejection_time: Option<RawDuration>,
     pub(super) max_ejection_time: Option<RawDuration>,
+    pub(super) empty_close_fails: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

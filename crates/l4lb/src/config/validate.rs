@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use l4_balance::{
-    is_prime, Algorithm, BackendSpec, HashKey, OutlierSettings, TimeMetric, DEFAULT_TABLE_SIZE,
-    MAX_WEIGHT,
+    is_prime, Algorithm, BackendSpec, HashKey, OnDown, OutlierSettings, TimeMetric,
+    DEFAULT_TABLE_SIZE, MAX_WEIGHT,
 };
 use l4_core::admission::AccessList;
 use l4_core::proxy_protocol::ProxyProtocol;
@@ -951,6 +951,7 @@ impl Validator {
             max_ejection_percent,
             ejection_time,
             max_ejection_time,
+            empty_close_fails: p.empty_close_fails.unwrap_or(defaults.empty_close_fails),
         }
     }
 
@@ -1118,11 +1119,34 @@ impl Validator {
                 }
             }
             if let Some(algorithm) = algorithm {
+                let on_down = match p.on_down.as_deref() {
+                    None | Some("keep") => OnDown::Keep,
+                    Some("close") => OnDown::Close,
+                    Some(other) => {
+                        self.error(
+                            format!("{path}.on_down"),
+                            format!("unknown value {other:?} (expected keep or close)"),
+                        );
+                        OnDown::Keep
+                    }
+                };
+                if p.close_after.is_some() && on_down != OnDown::Close {
+                    self.error(format!("{path}.close_after"), "applies with on_down: close");
+                }
+                let close_after = self
+                    .duration(
+                        &format!("{path}.close_after"),
+                        p.close_after.as_ref(),
+                        CLOSE_AFTER,
+                    )
+                    .unwrap_or(Duration::ZERO);
                 pools.push(PoolConfig {
                     name: p.name.clone(),
                     algorithm,
                     health,
                     passive,
+                    on_down,
+                    close_after,
                     backends,
                     source,
                 });

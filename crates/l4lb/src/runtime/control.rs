@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwap;
-use l4_balance::{Pool, PoolSnapshot};
+use l4_balance::{BackendState, OnDown, Pool, PoolSnapshot};
 use l4_core::admission::AccessList;
 use l4_core::admission::ConnectionLimit;
 use l4_core::listener::{bind_tcp, bind_udp};
@@ -250,6 +250,18 @@ impl Control {
         for (p, snapshot) in snapshots {
             let entry = match self.pools.remove(&p.name) {
                 Some(old) => {
+                    if p.on_down == OnDown::Close {
+                        let kept: Vec<SocketAddr> =
+                            snapshot.backends().map(|b| b.spec.addr).collect();
+                        let removed: Vec<Arc<BackendState>> = old
+                            .pool
+                            .snapshot()
+                            .backends()
+                            .filter(|b| !kept.contains(&b.spec.addr))
+                            .map(|b| Arc::clone(&b.state))
+                            .collect();
+                        close_after(&p.name, removed, p.close_after);
+                    }
                     old.pool.publish(snapshot);
                     let checks = if old.config == *p {
                         old.checks
@@ -277,6 +289,15 @@ impl Control {
             pools.insert(p.name.clone(), entry);
         }
         for (name, old) in std::mem::take(&mut self.pools) {
+            if old.config.on_down == OnDown::Close {
+                let states = old
+                    .pool
+                    .snapshot()
+                    .backends()
+                    .map(|b| Arc::clone(&b.state))
+                    .collect();
+                close_after(&name, states, old.config.close_after);
+            }
             changes.pools_removed.push(name);
             old.checks.cancel();
         }
@@ -486,7 +507,26 @@ fn build_snapshot(config: &PoolConfig, old: Option<&Arc<Pool>>) -> Result<PoolSn
         old.and_then(|pool| pool.backend_state(addr))
     })
     .with_context(|| format!("pool {}", config.name))?;
-    Ok(snapshot.with_outlier(config.passive))
+    Ok(snapshot
+        .with_outlier(config.passive)
+        .with_on_down(config.on_down))
+}
+
+/// `on_down: close` for backends a reload removed: their live connections are reset once
+/// `grace` has passed (at once for zero).
+fn close_after(pool: &str, backends: Vec<Arc<BackendState>>, grace: std::time::Duration) {
+    if backends.is_empty() {
+        return;
+    }
+    let pool = pool.to_string();
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        for state in backends {
+            let live = state.active();
+            state.cut_sessions();
+            info!(pool = %pool, backend = %state.addr(), connections = live, "removed backend: on_down: close resets its live connections");
+        }
+    });
 }
 
 fn start_checks(pool: &Arc<Pool>, config: &PoolConfig) -> CancellationToken {
