@@ -198,3 +198,41 @@ async fn a_backend_that_accepts_and_closes_at_once_is_ejected_by_passive_detecti
         assert_eq!(fetch(lb.addr()).await.unwrap(), "good");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_gives_a_returning_backend_a_rising_share() {
+    let a = Killable::start("a").await;
+    let mut b = Killable::start("b").await;
+    let lb = Balancer::start(&format!(
+        "workers: 1\nlisteners:\n  - {{ name: t, bind: \"127.0.0.1:0\", pool: p }}\npools:\n  - name: p\n    slow_start: 4s\n    health: {{ interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"{}\" }}\n      - {{ address: \"{}\" }}\n",
+        a.addr, b.addr
+    ));
+    b.kill().await;
+    lb.wait_for_log(|l| state_change(l, b.addr, "down"));
+    b.restart().await;
+    lb.wait_for_log(|l| state_change(l, b.addr, "up"));
+    // Eight windows of half a second each (bounded in count too): b's share of new
+    // connections in each.
+    let mut shares = Vec::new();
+    for _ in 0..9 {
+        let window = std::time::Instant::now();
+        let (mut total, mut to_b) = (0u32, 0u32);
+        while window.elapsed() < std::time::Duration::from_millis(500) && total < 5_000 {
+            if let Ok(name) = who(lb.addr()).await {
+                total += 1;
+                to_b += u32::from(name == "b");
+            }
+        }
+        assert!(total >= 20, "too few connections to measure: {total}");
+        shares.push(f64::from(to_b) / f64::from(total));
+    }
+    let text = format!("{shares:.2?}");
+    eprintln!("slow start shares: {text}");
+    // Round robin over equal weights ends at a half; it starts near 10% of that.
+    assert!(shares[0] < 0.25, "first window: {text}");
+    assert!(shares[4] > shares[0], "no ramp: {text}");
+    assert!(
+        shares[8] > 0.4,
+        "not at full weight after slow_start: {text}"
+    );
+}

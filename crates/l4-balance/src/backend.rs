@@ -256,6 +256,28 @@ impl BackendState {
         old.cancel();
     }
 
+    /// Starts slow start for a backend a reload just added (as if it had come back up).
+    pub fn mark_added(&self, now: Instant) {
+        self.returned_at_ms
+            .store(millis(now).max(1), Ordering::Relaxed);
+    }
+
+    /// The share (0.1 to 1.0) of its weight a backend gets `slow_start` after it came back
+    /// up or was added: linear from 10% to all of it; 1.0 when not ramping.
+    pub fn slow_start_share(&self, slow_start: Duration, now_ms: impl FnOnce() -> u64) -> f64 {
+        let returned = self.returned_at_ms.load(Ordering::Relaxed);
+        if returned == 0 || slow_start.is_zero() {
+            return 1.0;
+        }
+        let elapsed = now_ms().saturating_sub(returned) as f64;
+        let ramp = slow_start.as_millis() as f64;
+        if elapsed >= ramp {
+            1.0
+        } else {
+            (elapsed / ramp).max(0.1)
+        }
+    }
+
     /// Why the state last changed, if it ever did.
     pub fn why(&self) -> Option<Arc<String>> {
         self.why.load_full()

@@ -1,6 +1,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::algorithms::{Algorithm, TierSelector};
 use crate::backend::{Backend, BackendHandle, BackendSpec, BackendState, Health, MAX_WEIGHT};
@@ -40,10 +41,21 @@ impl Tier {
     }
 
     fn pick(&self, key: &FlowKey, exclude: &[SocketAddr], wanted: Health) -> Option<BackendHandle> {
+        self.pick_where(key, exclude, wanted, |_| true)
+    }
+
+    fn pick_where(
+        &self,
+        key: &FlowKey,
+        exclude: &[SocketAddr],
+        wanted: Health,
+        also: impl Fn(&Backend) -> bool,
+    ) -> Option<BackendHandle> {
         if self.backends.is_empty() {
             return None;
         }
-        let eligible = |b: &Backend| b.state.health() == wanted && !exclude.contains(&b.spec.addr);
+        let eligible =
+            |b: &Backend| b.state.health() == wanted && !exclude.contains(&b.spec.addr) && also(b);
         let index = self.selector.pick(&self.backends, key, eligible)?;
         Some(BackendHandle::acquire(&self.backends[index].state))
     }
@@ -61,6 +73,7 @@ pub struct PoolSnapshot {
     algorithm: Algorithm,
     outlier: OutlierSettings,
     on_down: OnDown,
+    slow_start: Duration,
     primary: Tier,
     backup: Tier,
 }
@@ -105,6 +118,7 @@ impl PoolSnapshot {
             algorithm,
             outlier: OutlierSettings::default(),
             on_down: OnDown::Keep,
+            slow_start: Duration::ZERO,
             primary: Tier::new(algorithm, primary),
             backup: Tier::new(algorithm, backup),
         })
@@ -127,12 +141,38 @@ impl PoolSnapshot {
         self.on_down
     }
 
+    /// The same snapshot with this slow start: a backend that comes back up or is added
+    /// gets a share of its weight growing from 10% to all of it over `slow_start`.
+    pub fn with_slow_start(mut self, slow_start: Duration) -> Self {
+        self.slow_start = slow_start;
+        self
+    }
+
+    /// Slow start (zero: off).
+    pub fn slow_start(&self) -> Duration {
+        self.slow_start
+    }
+
     /// Selects a usable backend not in `exclude` (addresses already tried for this
     /// connection). Backups are considered only when no primary qualifies. When nothing
     /// is usable but some backends are only ejected (suspected by passive detection, not
     /// proven dead by probes or switched off), they are tried rather than refusing the
     /// client: fail open, as Envoy's panic threshold and nginx's "all peers failed" reset.
     pub fn select(&self, key: &FlowKey, exclude: &[SocketAddr]) -> Option<BackendHandle> {
+        if !self.slow_start.is_zero() && !self.algorithm.is_hashing() {
+            // A ramping backend takes its turn with the probability of its share; when it
+            // declines, the algorithm's fair skip passes the turn on by weight. If every
+            // candidate declined, the plain pick below still serves the client.
+            let now = std::cell::OnceCell::new();
+            let now_ms = || *now.get_or_init(|| crate::clock::millis(std::time::Instant::now()));
+            let ramp = |b: &Backend| {
+                let share = b.state.slow_start_share(self.slow_start, now_ms);
+                share >= 1.0 || fastrand::f64() < share
+            };
+            if let Some(handle) = self.primary.pick_where(key, exclude, Health::Up, ramp) {
+                return Some(handle);
+            }
+        }
         self.primary
             .pick(key, exclude, Health::Up)
             .or_else(|| self.backup.pick(key, exclude, Health::Up))
@@ -326,5 +366,60 @@ mod tests {
         )
         .unwrap();
         assert_eq!(new.backends().next().unwrap().state.health(), Health::Down);
+    }
+
+    #[test]
+    fn slow_start_ramps_a_returning_backend_for_every_weighted_algorithm() {
+        let state = BackendState::new(SocketAddr::from(([127, 0, 0, 1], 2)));
+        let ramp = Duration::from_secs(10);
+        assert_eq!(
+            state.slow_start_share(ramp, || 5_000),
+            1.0,
+            "never came back"
+        );
+        state.mark_added(std::time::Instant::now());
+        let at = |ms: u64| {
+            let returned = crate::clock::millis(std::time::Instant::now());
+            state.slow_start_share(ramp, move || returned + ms)
+        };
+        assert!((at(0) - 0.1).abs() < 0.01);
+        assert!((at(5_000) - 0.5).abs() < 0.01);
+        assert_eq!(at(10_000), 1.0);
+
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::LeastConn,
+            Algorithm::PowerOfTwo,
+            Algorithm::LeastTime(crate::TimeMetric::Connect),
+        ] {
+            let snap =
+                PoolSnapshot::build(algorithm, &[spec(1, 1, false), spec(2, 1, false)], |_| None)
+                    .unwrap()
+                    .with_slow_start(Duration::from_secs(3600));
+            let fresh = snap.backends().find(|b| b.spec.addr.port() == 2).unwrap();
+            fresh.state.mark_added(std::time::Instant::now());
+            let mut fresh_picks = 0;
+            for _ in 0..10_000 {
+                // Handles are dropped at once: connection counts stay equal (least_conn).
+                if snap.select(&key(), &[]).unwrap().addr().port() == 2 {
+                    fresh_picks += 1;
+                }
+            }
+            // At 10% of its weight it gets about 1 pick in 11, never its full half.
+            assert!(
+                (500..=1_500).contains(&fresh_picks),
+                "{algorithm:?}: {fresh_picks} of 10000"
+            );
+            // Alone, it still serves: slow start never refuses a client.
+            let only = PoolSnapshot::build(algorithm, &[spec(2, 1, false)], |_| None)
+                .unwrap()
+                .with_slow_start(Duration::from_secs(3600));
+            only.backends()
+                .next()
+                .unwrap()
+                .state
+                .mark_added(std::time::Instant::now());
+            assert!(only.select(&key(), &[]).is_some());
+        }
     }
 }

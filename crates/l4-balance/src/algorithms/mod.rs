@@ -48,6 +48,12 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Whether it places by a hash of the client (stable placement; slow start does not
+    /// apply: it would move clients back and forth during the ramp).
+    pub fn is_hashing(self) -> bool {
+        matches!(self, Algorithm::SourceHash(_) | Algorithm::Maglev { .. })
+    }
+
     /// The name used in the config file.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -82,6 +82,9 @@ pub const PREREAD_TIMEOUT: RangeInclusive<Duration> =
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `accept_proxy.timeout`.
 pub const DEFAULT_ACCEPT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// `slow_start`.
+pub const SLOW_START: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(3600);
 /// `close_after`.
 pub const CLOSE_AFTER: RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_secs(24 * 3600);
@@ -227,6 +230,9 @@ pub struct PoolConfig {
     pub passive: OutlierSettings,
     /// What happens to a backend's live connections when checks mark it down.
     pub on_down: OnDown,
+    /// A backend that comes back up or is added ramps to its full weight over this long
+    /// (zero: at once).
+    pub slow_start: Duration,
     /// With `on_down: close`: how long the live connections of a backend a reload
     /// removed may go on before they are reset.
     pub close_after: Duration,

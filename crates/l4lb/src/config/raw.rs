@@ -91,6 +91,7 @@ pub(super) struct RawPool {
     pub(super) health: Option<RawHealth>,
     pub(super) passive: Option<RawPassive>,
     pub(super) on_down: Option<String>,
+    pub(super) slow_start: Option<RawDuration>,
     pub(super) close_after: Option<RawDuration>,
     #[serde(default)]
     pub(super) source: Vec<String>,

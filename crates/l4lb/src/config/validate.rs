@@ -1140,12 +1140,29 @@ impl Validator {
                         CLOSE_AFTER,
                     )
                     .unwrap_or(Duration::ZERO);
+                let slow_start = self
+                    .duration(
+                        &format!("{path}.slow_start"),
+                        p.slow_start.as_ref(),
+                        SLOW_START,
+                    )
+                    .unwrap_or(Duration::ZERO);
+                if !slow_start.is_zero() && algorithm.is_hashing() {
+                    self.error(
+                        format!("{path}.slow_start"),
+                        format!(
+                            "does not apply to {} (placement by hash must not move clients during the ramp)",
+                            algorithm.as_str()
+                        ),
+                    );
+                }
                 pools.push(PoolConfig {
                     name: p.name.clone(),
                     algorithm,
                     health,
                     passive,
                     on_down,
+                    slow_start,
                     close_after,
                     backends,
                     source,

@@ -250,6 +250,13 @@ impl Control {
         for (p, snapshot) in snapshots {
             let entry = match self.pools.remove(&p.name) {
                 Some(old) => {
+                    // Backends this reload adds to a running pool ramp up (slow start).
+                    let now = std::time::Instant::now();
+                    for b in snapshot.backends() {
+                        if old.pool.backend_state(b.spec.addr).is_none() {
+                            b.state.mark_added(now);
+                        }
+                    }
                     if p.on_down == OnDown::Close {
                         let kept: Vec<SocketAddr> =
                             snapshot.backends().map(|b| b.spec.addr).collect();
@@ -509,7 +516,8 @@ fn build_snapshot(config: &PoolConfig, old: Option<&Arc<Pool>>) -> Result<PoolSn
     .with_context(|| format!("pool {}", config.name))?;
     Ok(snapshot
         .with_outlier(config.passive)
-        .with_on_down(config.on_down))
+        .with_on_down(config.on_down)
+        .with_slow_start(config.slow_start))
 }
 
 /// `on_down: close` for backends a reload removed: their live connections are reset once
