@@ -14,7 +14,7 @@ use tokio::net::{TcpSocket, UdpSocket};
 use crate::harness::*;
 
 /// The example `config/<name>` with its addresses replaced (each must occur).
-fn example(name: &str, replace: &[(&str, String)]) -> String {
+pub fn example(name: &str, replace: &[(&str, String)]) -> String {
     let path = format!("{}/../../config/{name}", env!("CARGO_MANIFEST_DIR"));
     let mut text = std::fs::read_to_string(&path).unwrap();
     for (from, to) in replace {

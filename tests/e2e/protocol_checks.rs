@@ -1,16 +1,17 @@
 //! Health checks that speak the protocol, against real peers: a Redis primary/replica
 //! pair whose roles swap, PostgreSQL behind Patroni-style role endpoints on a side port,
-//! and dnsmasq resolvers that stop or pause.
+//! and dnsmasq resolvers that stop or pause; each from its example in `config/`.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::edge::{psql, run, start_postgres_at, Pki};
+use crate::edge::{example, psql, run, start_postgres_at, Pki};
 use crate::harness::*;
 use crate::udp::{dig_once, start_dnsmasq, which};
 
@@ -45,8 +46,15 @@ fn redis_primary_check_follows_a_role_swap() {
     let _ra = start_redis(a);
     let _rb = start_redis(b);
     redis_cli(b, &["REPLICAOF", "127.0.0.1", &a.to_string()]);
-    let lb = Balancer::start(&format!(
-        "workers: 2\nlisteners:\n  - {{ name: redis, bind: \"127.0.0.1:0\", pool: redis }}\npools:\n  - name: redis\n    on_down: close\n    health: {{ check: redis_primary, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.1:{a}\" }}\n      - {{ address: \"127.0.0.1:{b}\" }}\n"
+    let lb = Balancer::start(&example(
+        "redis-primary.yaml",
+        &[
+            ("127.0.0.1:6380", "127.0.0.1:0".into()),
+            ("127.0.0.1:6381", format!("127.0.0.1:{a}")),
+            ("127.0.0.1:6382", format!("127.0.0.1:{b}")),
+            ("interval: 1s", "interval: 100ms".into()),
+            ("fall: 2", "fall: 1".into()),
+        ],
     ));
     let lb_port = lb.addr().port();
     let (addr_a, addr_b): (std::net::SocketAddr, std::net::SocketAddr) =
@@ -130,8 +138,17 @@ async fn patroni_style_http_check_sends_psql_to_the_primary() {
             start_postgres_at(pki, name, ip, pg_port)
         }));
     }
-    let lb = Balancer::start(&format!(
-        "workers: 2\nlisteners:\n  - {{ name: pg, bind: \"127.0.0.1:0\", pool: pg }}\npools:\n  - name: pg\n    health: {{ check: http, http: {{ path: /primary, status: [200] }}, port: {api_port}, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.2:{pg_port}\" }}\n      - {{ address: \"127.0.0.3:{pg_port}\" }}\n"
+    let lb = Balancer::start(&example(
+        "patroni.yaml",
+        &[
+            ("127.0.0.1:5000", "127.0.0.1:0".into()),
+            ("127.0.0.2:5432", format!("127.0.0.2:{pg_port}")),
+            ("127.0.0.3:5432", format!("127.0.0.3:{pg_port}")),
+            ("      - { address: 127.0.0.4:5432 }\n", String::new()),
+            ("port: 8008", format!("port: {api_port}")),
+            ("interval: 1s", "interval: 100ms".into()),
+            ("fall: 2", "fall: 1".into()),
+        ],
     ));
     let conninfo = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
@@ -160,8 +177,17 @@ fn dns_check_takes_out_a_stopped_and_a_paused_resolver() {
     let (healthy, healthy_port) = start_dnsmasq(&dig);
     let (stopped, stopped_port) = start_dnsmasq(&dig);
     let (paused, paused_port) = start_dnsmasq(&dig);
-    let lb = Balancer::start(&format!(
-        "workers: 2\nlisteners:\n  - {{ name: dns, bind: \"127.0.0.1:0\", protocol: udp, pool: dns }}\npools:\n  - name: dns\n    algorithm: round_robin\n    health: {{ check: dns, dns_name: www.l4lb.test, interval: 100ms, timeout: 300ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.1:{healthy_port}\" }}\n      - {{ address: \"127.0.0.1:{stopped_port}\" }}\n      - {{ address: \"127.0.0.1:{paused_port}\" }}\n"
+    let lb = Balancer::start(&example(
+        "dns-checked.yaml",
+        &[
+            ("127.0.0.1:5353", "127.0.0.1:0".into()),
+            ("127.0.0.1:5301", format!("127.0.0.1:{healthy_port}")),
+            ("127.0.0.1:5302", format!("127.0.0.1:{stopped_port}")),
+            ("127.0.0.1:5303", format!("127.0.0.1:{paused_port}")),
+            ("interval: 1s", "interval: 100ms".into()),
+            ("timeout: 500ms", "timeout: 300ms".into()),
+            ("fall: 2", "fall: 1".into()),
+        ],
     ));
     drop(stopped);
     // SIGSTOP: the port stays open (no ICMP unreachable), nothing answers.
@@ -235,4 +261,44 @@ async fn slow_start_gives_a_returning_backend_a_rising_share() {
         shares[8] > 0.4,
         "not at full weight after slow_start: {text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_by_reload_has_its_sessions_reset_after_close_after() {
+    let a = Killable::start("a").await;
+    let b = Killable::start("b").await;
+    let config = |backends: &[SocketAddr]| {
+        let mut c = String::from("workers: 1\nlisteners:\n  - { name: t, bind: \"127.0.0.1:0\", pool: p }\npools:\n  - name: p\n    on_down: close\n    close_after: 300ms\n    backends:\n");
+        for addr in backends {
+            c.push_str(&format!("      - {{ address: \"{addr}\" }}\n"));
+        }
+        c
+    };
+    let lb = Balancer::start(&config(&[a.addr, b.addr]));
+    // Round robin: the first connection lands on a, the second on b.
+    let mut sessions = Vec::new();
+    for expected in ["a", "b"] {
+        let mut s = tokio::net::TcpStream::connect(lb.addr()).await.unwrap();
+        let mut name = [0u8; 1];
+        s.read_exact(&mut name).await.unwrap();
+        assert_eq!(&name, expected.as_bytes());
+        sessions.push(s);
+    }
+    let reloaded = std::time::Instant::now();
+    lb.reload(&config(&[a.addr]));
+    // b's session is reset once close_after has passed; a's goes on echoing.
+    let mut on_b = sessions.pop().unwrap();
+    let mut buf = [0u8; 8];
+    let cut = tokio::time::timeout(PATIENCE, on_b.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&cut, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{cut:?}"
+    );
+    assert!(reloaded.elapsed() >= std::time::Duration::from_millis(300));
+    let on_a = &mut sessions[0];
+    on_a.write_all(b"still").await.unwrap();
+    on_a.read_exact(&mut buf[..5]).await.unwrap();
+    assert_eq!(&buf[..5], b"still");
 }

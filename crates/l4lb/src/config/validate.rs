@@ -1421,4 +1421,36 @@ pools:
             );
         }
     }
+
+    #[test]
+    fn on_down_and_slow_start_have_values_and_ranges() {
+        let with =
+            |extra: &str| GOOD.replace("  - name: web\n", &format!("  - name: web\n    {extra}\n"));
+        let config = parse(&with(
+            "on_down: close\n    close_after: 5s\n    slow_start: 30s",
+        ))
+        .unwrap();
+        let p = &config.pools[0];
+        assert_eq!(p.on_down, OnDown::Close);
+        assert_eq!(p.close_after, Duration::from_secs(5));
+        assert_eq!(p.slow_start, Duration::from_secs(30));
+        for (extra, want) in [
+            ("on_down: kill", "pools[0].on_down: unknown value \"kill\""),
+            (
+                "close_after: 1s",
+                "pools[0].close_after: applies with on_down: close",
+            ),
+            ("slow_start: 2h", "pools[0].slow_start: 2h is above the maximum 1h"),
+            (
+                "algorithm: maglev\n    slow_start: 10s",
+                "pools[0].slow_start: does not apply to maglev",
+            ),
+        ] {
+            let errs = errors(&with(extra));
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{extra}: {errs:#?}"
+            );
+        }
+    }
 }
