@@ -1440,7 +1440,10 @@ pools:
                 "close_after: 1s",
                 "pools[0].close_after: applies with on_down: close",
             ),
-            ("slow_start: 2h", "pools[0].slow_start: 2h is above the maximum 1h"),
+            (
+                "slow_start: 2h",
+                "pools[0].slow_start: 2h is above the maximum 1h",
+            ),
             (
                 "algorithm: maglev\n    slow_start: 10s",
                 "pools[0].slow_start: does not apply to maglev",
