@@ -93,6 +93,12 @@ pub struct BackendState {
     /// Cancelled to cut the backend's live connections (`on_down: close`); replaced by a
     /// fresh one at each cut, so later connections are not affected.
     sessions: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
+    /// Set when a reload removed it from an `on_down: close` pool and its connections
+    /// were cut: a connection that started on an old snapshot must not outlive the cut.
+    retired: AtomicBool,
+    /// Whether the current failure streak is of empty closes (accept, then close before
+    /// any byte): then an accepted connect does not end it, only a byte moving does.
+    empty_close_streak: AtomicBool,
 }
 
 /// Why a connect failed, for metrics.
@@ -239,6 +245,8 @@ impl BackendState {
             stats: BackendStats::default(),
             why: arc_swap::ArcSwapOption::empty(),
             sessions: arc_swap::ArcSwap::from_pointee(tokio_util::sync::CancellationToken::new()),
+            retired: AtomicBool::new(false),
+            empty_close_streak: AtomicBool::new(false),
         }
     }
 
@@ -246,6 +254,28 @@ impl BackendState {
     /// when it starts relaying.
     pub fn sessions(&self) -> tokio_util::sync::CancellationToken {
         (*self.sessions.load_full()).clone()
+    }
+
+    /// Cuts every live connection for good: a reload removed the backend.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.cut_sessions();
+    }
+
+    /// Whether a reload removed it and cut its connections.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Records what kind of failure extends the streak.
+    pub(crate) fn note_failure_kind(&self, empty_close: bool) {
+        self.empty_close_streak
+            .store(empty_close, Ordering::Relaxed);
+    }
+
+    /// Whether the current failure streak is made of empty closes.
+    pub fn in_empty_close_streak(&self) -> bool {
+        self.empty_close_streak.load(Ordering::Relaxed)
     }
 
     /// Cuts every live connection that took [`BackendState::sessions`] before now.
@@ -382,6 +412,7 @@ impl BackendState {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.cap_warned.store(false, Ordering::Relaxed);
+            self.empty_close_streak.store(false, Ordering::Relaxed);
         }
     }
 

@@ -101,6 +101,7 @@ impl Pool {
         now: Instant,
     ) -> bool {
         state.stats.record_failure(kind);
+        state.note_failure_kind(kind == FailureReason::EmptyClose);
         let streak = state.record_connect_failure();
         let snapshot = self.snapshot.load();
         let settings = *snapshot.outlier();
@@ -162,7 +163,12 @@ impl Pool {
         if let Some(b) = snapshot.backends().find(|b| b.spec.addr == backend) {
             b.state.stats.record_state_change();
             b.state.set_why(reason.to_string());
-            if to == Health::Down && snapshot.on_down() == crate::OnDown::Close {
+            // Proven dead from up (a demoted primary); not an ejected backend's probe
+            // failing, which passive suspicion put out of rotation already.
+            if from == Health::Up
+                && to == Health::Down
+                && snapshot.on_down() == crate::OnDown::Close
+            {
                 let live = b.state.active();
                 b.state.cut_sessions();
                 tracing::warn!(pool = self.name(), backend = %backend, connections = live, "on_down: close: resetting the backend's live connections");

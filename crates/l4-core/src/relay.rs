@@ -117,6 +117,8 @@ pub struct RelayReport {
     pub spliced_bytes: u64,
     /// The side whose FIN ended its direction first, if either did.
     pub first_fin: Option<Side>,
+    /// How long after the relay started the first FIN or the reset came.
+    pub first_end: Option<Duration>,
 }
 
 /// Counters the two directions share with the relay and its idle watch.
@@ -585,12 +587,15 @@ pub async fn relay(
     // Which direction ended first with a FIN: a backend that closes before anything
     // moved is an accept-then-die backend (passive detection).
     let mut first_fin = None;
+    let started = Instant::now();
+    let mut first_end = None;
     let (end, error) = loop {
         tokio::select! {
             result = &mut up, if !up_done => match result {
                 Ok(()) => {
                     up_done = true;
                     first_fin = first_fin.or(Some(Side::Client));
+                    first_end = first_end.or(Some(started.elapsed()));
                 }
                 Err(e) => break (RelayEnd::Reset(e.side), Some(e.error)),
             },
@@ -598,6 +603,7 @@ pub async fn relay(
                 Ok(()) => {
                     down_done = true;
                     first_fin = first_fin.or(Some(Side::Backend));
+                    first_end = first_end.or(Some(started.elapsed()));
                 }
                 Err(e) => break (RelayEnd::Reset(e.side), Some(e.error)),
             },
@@ -634,5 +640,6 @@ pub async fn relay(
         error: error.map(|e| e.kind()),
         spliced_bytes: progress.spliced.load(Ordering::Relaxed),
         first_fin,
+        first_end: first_end.or(Some(started.elapsed())),
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::{bump, ACCESS_LOG};
 use arc_swap::ArcSwap;
-use l4_balance::{BackendHandle, FailureReason, FlowKey, OnDown, Pool, Protocol, TimeMetric};
+use l4_balance::{
+    BackendHandle, FailureReason, FlowKey, Health, OnDown, Pool, Protocol, TimeMetric,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -322,6 +324,28 @@ async fn handle(
         }
     };
     let backend_addr = handle.addr();
+    let (metric, on_down, empty_close_fails) = {
+        let snapshot = target.pool.snapshot();
+        let outlier = snapshot.outlier();
+        (
+            snapshot.algorithm().time_metric(),
+            snapshot.on_down(),
+            outlier.empty_close_fails,
+        )
+    };
+    // on_down: close: the connection takes the backend's cut signal before anything else
+    // can wait, then looks at the backend once more; the checker changes the health
+    // before it cuts, so a cut can never fall between the two unseen.
+    let cut = if on_down == OnDown::Close {
+        let cut = handle.state().sessions().child_token();
+        if handle.state().health() == Health::Down || handle.state().is_retired() {
+            debug!(backend = %backend_addr, "backend went down while connecting; closing client");
+            return;
+        }
+        Some(cut)
+    } else {
+        None
+    };
     if service.proxy_protocol != ProxyProtocol::Off {
         let header =
             proxy_protocol::encode(service.proxy_protocol, Transport::Stream, source, reached);
@@ -338,13 +362,6 @@ async fn handle(
             return;
         }
     }
-    let (metric, cut, empty_close_fails) = {
-        let snapshot = target.pool.snapshot();
-        let cut = (snapshot.on_down() == OnDown::Close).then(|| handle.state().sessions());
-        let metric = snapshot.algorithm().time_metric();
-        (metric, cut, snapshot.outlier().empty_close_fails)
-    };
-    let relaying = Instant::now();
     let report = if metric == Some(TimeMetric::FirstByte) {
         let state = handle.state();
         let hook = |elapsed: Duration| state.record_response_time(elapsed);
@@ -357,14 +374,19 @@ async fn handle(
         // Only a quick close counts: a backend that times out a client that never spoke
         // (a slow or idle client) is doing its job, and clients must not be able to
         // eject backends that way.
-        if closed_before_any_byte(&report) && relaying.elapsed() < service.connect_timeout {
+        let quick = report
+            .first_end
+            .is_some_and(|after| after < service.connect_timeout);
+        if closed_before_any_byte(&report) && quick {
             target.pool.connect_failed(
                 handle.state(),
                 FailureReason::EmptyClose,
                 &"accepted, then closed before any byte",
                 now,
             );
-        } else {
+        } else if handle.state().in_empty_close_streak()
+            && report.client_to_backend + report.backend_to_client > 0
+        {
             target.pool.connect_succeeded(handle.state(), now);
         }
     }
@@ -399,7 +421,9 @@ fn closed_before_any_byte(report: &RelayReport) -> bool {
     report.client_to_backend == 0
         && report.backend_to_client == 0
         && match report.end {
-            RelayEnd::Reset(Side::Backend) => true,
+            // A reset that answers a client's FIN (a backend with linger 0) is not a
+            // failure either.
+            RelayEnd::Reset(Side::Backend) => report.first_fin != Some(Side::Client),
             RelayEnd::Closed => report.first_fin == Some(Side::Backend),
             _ => false,
         }
@@ -485,7 +509,6 @@ async fn connect_backend(
             break;
         };
         let measure_connect = snapshot.algorithm().time_metric() == Some(TimeMetric::Connect);
-        let judged_later = snapshot.outlier().empty_close_fails;
         drop(snapshot);
         let addr = handle.addr();
         let started = Instant::now();
@@ -497,8 +520,9 @@ async fn connect_backend(
                     handle.state().record_response_time(took);
                 }
                 let now = Instant::now().into_std();
-                if judged_later {
-                    // An accept-then-die backend must not end its own failure streak.
+                if handle.state().in_empty_close_streak() {
+                    // An accept-then-die backend must not end its own failure streak
+                    // by accepting: only a byte moving does.
                     target.pool.connect_accepted(handle.state(), now);
                 } else {
                     target.pool.connect_succeeded(handle.state(), now);
@@ -524,4 +548,64 @@ async fn connect_backend(
         }
     }
     Err(tried.len() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(end: RelayEnd, first_fin: Option<Side>, bytes: u64) -> RelayReport {
+        RelayReport {
+            client_to_backend: bytes,
+            backend_to_client: 0,
+            end,
+            error: None,
+            spliced_bytes: 0,
+            first_fin,
+            first_end: Some(Duration::from_millis(1)),
+        }
+    }
+
+    #[test]
+    fn only_the_backend_ending_a_silent_connection_is_an_empty_close() {
+        use Side::{Backend, Client};
+        // The backend closed or reset first, nothing moved: accept-then-die.
+        assert!(closed_before_any_byte(&report(
+            RelayEnd::Closed,
+            Some(Backend),
+            0
+        )));
+        assert!(closed_before_any_byte(&report(
+            RelayEnd::Reset(Backend),
+            None,
+            0
+        )));
+        // The client left first (a port check, a scanner), or answered by a reset.
+        assert!(!closed_before_any_byte(&report(
+            RelayEnd::Closed,
+            Some(Client),
+            0
+        )));
+        assert!(!closed_before_any_byte(&report(
+            RelayEnd::Reset(Backend),
+            Some(Client),
+            0
+        )));
+        assert!(!closed_before_any_byte(&report(
+            RelayEnd::Reset(Client),
+            None,
+            0
+        )));
+        // Bytes moved: a served connection.
+        assert!(!closed_before_any_byte(&report(
+            RelayEnd::Closed,
+            Some(Backend),
+            5
+        )));
+        assert!(!closed_before_any_byte(&report(
+            RelayEnd::IdleTimeout,
+            None,
+            0
+        )));
+    }
 }

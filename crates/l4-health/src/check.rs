@@ -94,7 +94,10 @@ impl Expect {
             Expect::Anything if reply.is_empty() => Judged::More,
             Expect::Anything => Judged::Pass,
             Expect::Contains(needle) => {
-                if reply
+                // Only the newest bytes can complete a match: look at the tail they could
+                // touch (bounded work per read).
+                let from = reply.len().saturating_sub(needle.len() + 4096);
+                if reply[from..]
                     .windows(needle.len().max(1))
                     .any(|w| w == needle.as_slice())
                 {
@@ -150,6 +153,11 @@ impl Expect {
 }
 
 impl Check {
+    /// Whether it asks the service something (not only whether a port is open).
+    pub fn speaks_protocol(&self) -> bool {
+        !matches!(self, Check::TcpConnect | Check::UdpPort)
+    }
+
     /// Probes `addr` once, within `timeout` in all.
     pub async fn probe(&self, addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
         match self {

@@ -76,9 +76,16 @@ impl Checker {
             Some(port) => SocketAddr::new(state.addr().ip(), port),
             None => state.addr(),
         };
-        let mut tracker = Tracker::new(s.rise, s.fall, state.health() == Health::Up);
-        // Start somewhere in the first interval so backends are not probed in lockstep.
-        tokio::time::sleep(s.interval.mul_f64(fastrand::f64())).await;
+        // A check that speaks the protocol tells a replica from a primary: its first probe
+        // runs at once and decides alone, so a backend that starts (or is added) as the
+        // wrong role leaves rotation within one probe, not after `fall` intervals.
+        let mut first_decides = s.active && s.check.speaks_protocol();
+        let fall = if first_decides { 1 } else { s.fall };
+        let mut tracker = Tracker::new(s.rise, fall, state.health() == Health::Up);
+        if !first_decides {
+            // Start somewhere in the first interval so backends are not probed in lockstep.
+            tokio::time::sleep(s.interval.mul_f64(fastrand::f64())).await;
+        }
         loop {
             let health = state.health();
             let now = tokio::time::Instant::now().into_std();
@@ -93,6 +100,10 @@ impl Checker {
                     let result = probe(target, s.timeout).await;
                     self.apply(&state, health, &mut tracker, result);
                 }
+            }
+            if first_decides {
+                first_decides = false;
+                tracker = Tracker::new(s.rise, s.fall, state.health() == Health::Up);
             }
             tokio::time::sleep(jittered(s.interval)).await;
         }
@@ -184,6 +195,29 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(3600), run).await;
         let out = seen.lock().unwrap().clone();
         out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_protocol_check_probes_at_once_and_its_first_failure_decides() {
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(100),
+            rise: 2,
+            fall: 3,
+            port: None,
+            check: crate::Check::Tcp {
+                send: b"INFO replication\r\n".to_vec(),
+                expect: crate::Expect::Contains(b"role:master".to_vec()),
+            },
+            active: true,
+        };
+        // A replica at start: down after its first probe, which runs at once; afterwards
+        // `fall` applies again (two failures do not take it down once it is back up).
+        let seen = scripted(settings, &[false, true, true, false, false]).await;
+        let health: Vec<Health> = seen.iter().map(|(h, _)| *h).collect();
+        use Health::*;
+        assert_eq!(seen[0].1, Duration::ZERO, "the first probe runs at once");
+        assert_eq!(health, vec![Up, Down, Down, Up, Up, Up]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1130,6 +1130,12 @@ impl Validator {
                         OnDown::Keep
                     }
                 };
+                if on_down == OnDown::Close && udp_only {
+                    self.error(
+                        format!("{path}.on_down"),
+                        "close applies to TCP connections; UDP flows already move off a down backend on their next datagram",
+                    );
+                }
                 if p.close_after.is_some() && on_down != OnDown::Close {
                     self.error(format!("{path}.close_after"), "applies with on_down: close");
                 }

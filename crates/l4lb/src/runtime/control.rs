@@ -531,7 +531,7 @@ fn close_after(pool: &str, backends: Vec<Arc<BackendState>>, grace: std::time::D
         tokio::time::sleep(grace).await;
         for state in backends {
             let live = state.active();
-            state.cut_sessions();
+            state.retire();
             info!(pool = %pool, backend = %state.addr(), connections = live, "removed backend: on_down: close resets its live connections");
         }
     });
