@@ -15,5 +15,6 @@ mod netns;
 mod operations;
 mod peers;
 mod protocol_checks;
+mod scale_out;
 mod tcp;
 mod udp;

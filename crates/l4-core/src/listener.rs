@@ -11,8 +11,12 @@ pub const BACKLOG: i32 = 4096;
 
 /// Binds `count` TCP listening sockets sharing one address with `SO_REUSEPORT`. When
 /// `addr` has port 0, the first socket picks the port and the others join it.
-pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    reuseport_group(addr, count, Type::STREAM, |socket| {
+pub fn bind_tcp(
+    addr: SocketAddr,
+    count: usize,
+    freebind: bool,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    reuseport_group(addr, count, Type::STREAM, freebind, |socket| {
         // Accepted sockets inherit TCP_NODELAY from the listener on Linux: set once here,
         // not once per connection.
         socket.set_tcp_nodelay(true)?;
@@ -29,8 +33,12 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
 /// Binds `count` UDP sockets sharing one address with `SO_REUSEPORT`; the kernel keeps
 /// each client 4-tuple on one socket, so each worker owns its flows outright. Port 0 as
 /// in [`bind_tcp`].
-pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
-    let sockets = reuseport_group(addr, count, Type::DGRAM, |socket| {
+pub fn bind_udp(
+    addr: SocketAddr,
+    count: usize,
+    freebind: bool,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    let sockets = reuseport_group(addr, count, Type::DGRAM, freebind, |socket| {
         // Room for bursts: a full default buffer drops datagrams before we see them.
         let _ = socket.set_recv_buffer_size(4 << 20);
         let _ = socket.set_send_buffer_size(4 << 20);
@@ -45,6 +53,7 @@ fn reuseport_group(
     addr: SocketAddr,
     count: usize,
     kind: Type,
+    freebind: bool,
     setup: impl Fn(&Socket) -> io::Result<()>,
 ) -> io::Result<Vec<Socket>> {
     let mut sockets = Vec::with_capacity(count);
@@ -55,6 +64,15 @@ fn reuseport_group(
         socket.set_reuse_port(true)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
+        }
+        if freebind {
+            // A VIP that is not (yet) on an interface: a BGP-announced address that
+            // keepalived or the routing daemon adds later, or one routed to this host.
+            if addr.is_ipv6() {
+                socket.set_freebind_v6(true)?;
+            } else {
+                socket.set_freebind_v4(true)?;
+            }
         }
         setup(&socket)?;
         socket.set_nonblocking(true)?;
@@ -76,7 +94,7 @@ mod tests {
 
     #[test]
     fn port_zero_is_shared_by_every_worker_socket() {
-        let sockets = bind_tcp("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let sockets = bind_tcp("127.0.0.1:0".parse().unwrap(), 3, false).unwrap();
         let ports: Vec<u16> = sockets
             .iter()
             .map(|s| s.local_addr().unwrap().port())
@@ -87,7 +105,7 @@ mod tests {
 
     #[test]
     fn accepted_sockets_inherit_nodelay() {
-        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 1)
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 1, false)
             .unwrap()
             .remove(0);
         listener.set_nonblocking(false).unwrap();

@@ -82,6 +82,9 @@ pub const PREREAD_TIMEOUT: RangeInclusive<Duration> =
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `accept_proxy.timeout`.
 pub const DEFAULT_ACCEPT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// `shutdown_delay`.
+pub const SHUTDOWN_DELAY: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(3600);
 /// `slow_start`.
 pub const SLOW_START: RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_secs(3600);
@@ -100,6 +103,9 @@ pub struct Config {
     pub workers: usize,
     /// How long live connections may take to finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long to keep accepting (not ready) before draining, while
+    /// routers stop sending (BGP withdrawal, load balancer health checks).
+    pub shutdown_delay: Duration,
     /// Splice pipes per process (split over the workers); 0 never splices.
     pub max_pipes: usize,
     /// The admin endpoint's address, if any.
@@ -197,6 +203,8 @@ pub struct Listener {
     pub accept_proxy: Option<AcceptProxyConfig>,
     /// UDP with `proxy_protocol: v2`: which datagrams carry the header.
     pub proxy_protocol_udp: ProxyUdp,
+    /// Bind even if the address is not (yet) local (`IP_FREEBIND`).
+    pub freebind: bool,
 }
 
 /// One `sni:` route.

@@ -12,6 +12,7 @@ pub(super) struct RawConfig {
     pub(super) admin_token: Option<String>,
     pub(super) log: Option<RawLog>,
     pub(super) drain_timeout: Option<RawDuration>,
+    pub(super) shutdown_delay: Option<RawDuration>,
     #[serde(default)]
     pub(super) defaults: RawDefaults,
     #[serde(default)]
@@ -54,6 +55,7 @@ pub(super) struct RawListener {
     pub(super) retries: Option<u32>,
     pub(super) relay: Option<String>,
     pub(super) sni: Option<Vec<RawSniRoute>>,
+    pub(super) freebind: Option<bool>,
     pub(super) sni_timeout: Option<RawDuration>,
     pub(super) sni_postgres: Option<bool>,
     pub(super) accept_proxy: Option<RawAcceptProxy>,

@@ -147,6 +147,13 @@ impl Validator {
         let drain_timeout = self
             .duration("drain_timeout", raw.drain_timeout.as_ref(), DRAIN_TIMEOUT)
             .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let shutdown_delay = self
+            .duration(
+                "shutdown_delay",
+                raw.shutdown_delay.as_ref(),
+                SHUTDOWN_DELAY,
+            )
+            .unwrap_or(Duration::ZERO);
         let d = &raw.defaults;
         let default_connect = self
             .duration(
@@ -492,6 +499,7 @@ impl Validator {
                     sni_postgres,
                     accept_proxy,
                     proxy_protocol_udp,
+                    freebind: l.freebind.unwrap_or(false),
                 });
             }
         }
@@ -500,6 +508,7 @@ impl Validator {
             Ok(Config {
                 workers,
                 drain_timeout,
+                shutdown_delay,
                 max_pipes,
                 admin,
                 admin_token,

@@ -204,13 +204,17 @@ impl Control {
         let mut extra: BTreeMap<String, Vec<BoundSocket>> = BTreeMap::new();
         for l in &new.listeners {
             match self.listeners.get(&l.name) {
-                Some(old) if old.config.bind == l.bind && old.config.protocol == l.protocol => {
+                Some(old)
+                    if old.config.bind == l.bind
+                        && old.config.protocol == l.protocol
+                        && old.config.freebind == l.freebind =>
+                {
                     if adding > 0 {
-                        extra.insert(l.name.clone(), bind(old.addr, l.protocol, adding, &l.name)?);
+                        extra.insert(l.name.clone(), bind(old.addr, l, adding)?);
                     }
                 }
                 _ => {
-                    let sockets = bind(l.bind, l.protocol, new.workers, &l.name)?;
+                    let sockets = bind(l.bind, l, new.workers)?;
                     let addr = sockets
                         .first()
                         .map(BoundSocket::local_addr)
@@ -487,19 +491,15 @@ impl BoundSocket {
 }
 
 /// `count` reuseport sockets on `addr`.
-fn bind(
-    addr: SocketAddr,
-    protocol: ListenerProtocol,
-    count: usize,
-    name: &str,
-) -> Result<Vec<BoundSocket>> {
-    Ok(match protocol {
-        ListenerProtocol::Tcp => bind_tcp(addr, count)
+fn bind(addr: SocketAddr, l: &Listener, count: usize) -> Result<Vec<BoundSocket>> {
+    let name = &l.name;
+    Ok(match l.protocol {
+        ListenerProtocol::Tcp => bind_tcp(addr, count, l.freebind)
             .with_context(|| format!("listener {name}: cannot listen on {addr}"))?
             .into_iter()
             .map(BoundSocket::Tcp)
             .collect(),
-        ListenerProtocol::Udp => bind_udp(addr, count)
+        ListenerProtocol::Udp => bind_udp(addr, count, l.freebind)
             .with_context(|| format!("listener {name}: cannot bind {addr}"))?
             .into_iter()
             .map(BoundSocket::Udp)

@@ -94,6 +94,7 @@ async fn control_loop(
     }
     // Ready only once signals are handled: a SIGTERM from here on drains.
     ready.store(true, Ordering::Relaxed);
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     info!(workers, listeners, pools, "ready");
 
     let lock = || control.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,6 +116,19 @@ async fn control_loop(
     // Not ready from the first signal on, before the listeners close: load balancers and
     // BGP daemons that poll /ready stop sending first.
     ready.store(false, Ordering::Relaxed);
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    let shutdown_delay = lock().config.shutdown_delay;
+    if !shutdown_delay.is_zero() && !fatal.is_cancelled() {
+        // Keep accepting while the VIP's route is withdrawn and routers converge: a
+        // connection that still arrives here is served, not refused.
+        info!(cause, shutdown_delay = ?shutdown_delay, "not ready: still accepting while routes are withdrawn");
+        tokio::select! {
+            () = tokio::time::sleep(shutdown_delay) => {}
+            _ = term.recv() => warn!("second signal: draining now"),
+            _ = int.recv() => warn!("second signal: draining now"),
+            () = fatal.cancelled() => {}
+        }
+    }
     let drain_timeout = lock().config.drain_timeout;
     info!(cause, drain_timeout = ?drain_timeout, "stopping: no new connections, draining live ones");
     let threads = lock().stop();
@@ -140,4 +154,14 @@ async fn control_loop(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) about readiness and stopping; nothing when not run by
+/// systemd (no `NOTIFY_SOCKET`).
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, state) {
+            warn!(error = %e, "could not notify systemd");
+        }
+    }
 }
