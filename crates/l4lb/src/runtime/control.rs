@@ -204,8 +204,10 @@ impl Control {
         let mut extra: BTreeMap<String, Vec<BoundSocket>> = BTreeMap::new();
         for l in &new.listeners {
             match self.listeners.get(&l.name) {
+                // The same address: as configured, or the port a configured port 0 got
+                // (rebinding would open a window where the old sockets' queues are lost).
                 Some(old)
-                    if old.config.bind == l.bind
+                    if (old.config.bind == l.bind || old.addr == l.bind)
                         && old.config.protocol == l.protocol
                         && old.config.freebind == l.freebind =>
                 {
