@@ -551,6 +551,11 @@ impl Peer {
         Peer { child, _dir: dir }
     }
 
+    /// The process id, for signals.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// The process, for reading its output.
     pub fn child(&mut self) -> &mut Child {
         &mut self.child

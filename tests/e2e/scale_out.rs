@@ -198,3 +198,163 @@ fn the_kubernetes_example_config_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A backend on `addr` that writes `name`, then echoes.
+async fn named_at(addr: SocketAddr, name: &'static str) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+/// The names of the backends `count` new connections reach.
+async fn reached(lb: SocketAddr, count: usize) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        let mut s = TcpStream::connect(lb).await.unwrap();
+        let mut name = [0u8; 2];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut name))
+            .await
+            .unwrap()
+            .unwrap();
+        names.insert(String::from_utf8_lossy(&name).to_string());
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_follows_the_records_and_keeps_the_last_set_when_dns_fails() {
+    let port = peer_port(41);
+    for (ip, name) in [
+        ([127, 0, 0, 2], "b2"),
+        ([127, 0, 0, 3], "b3"),
+        ([127, 0, 0, 4], "b4"),
+    ] {
+        named_at(SocketAddr::from((ip, port)), name).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 svc.l4lb.test\n127.0.0.3 svc.l4lb.test\n").unwrap();
+    let dns_port = peer_port(42);
+    let dig = crate::udp::which("dig");
+    let mut dnsmasq = Command::new(crate::udp::which("dnsmasq"));
+    dnsmasq
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--listen-address=127.0.0.1", "--user=root", "--pid-file"])
+        .arg(format!("--port={dns_port}"))
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let dnsmasq = Peer::spawn(&mut dnsmasq, tempfile::tempdir().unwrap());
+    let answers = |dig: &str| {
+        let out = Command::new(dig)
+            .args(["+short", "+tries=1", "+time=1", "-p", &dns_port.to_string()])
+            .args(["@127.0.0.1", "svc.l4lb.test", "A"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while !answers(&dig).contains("127.0.0.3") {
+        assert!(Instant::now() < deadline, "dnsmasq never answered");
+    }
+    let lb = Balancer::start(&format!(
+        "workers: 1\nlisteners:\n  - {{ name: t, bind: \"127.0.0.1:0\", pool: p }}\npools:\n  - name: p\n    discovery: {{ dns: svc.l4lb.test, type: a, port: {port}, interval: 200ms, resolver: \"127.0.0.1:{dns_port}\" }}\n"
+    ));
+    lb.wait_for_log(|l| l.contains("discovery: backends changed") && l.contains("backends=2"));
+    let names: Vec<String> = reached(lb.addr(), 8).await.into_iter().collect();
+    assert_eq!(names, ["b2", "b3"]);
+    // A live session on b3, which the records are about to drop.
+    let mut session = loop {
+        let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+        let mut name = [0u8; 2];
+        s.read_exact(&mut name).await.unwrap();
+        if &name == b"b3" {
+            break s;
+        }
+    };
+    // The records change: b3 leaves, b4 comes; dnsmasq rereads on SIGHUP.
+    std::fs::write(&hosts, "127.0.0.2 svc.l4lb.test\n127.0.0.4 svc.l4lb.test\n").unwrap();
+    let pid = nix::unistd::Pid::from_raw(dnsmasq.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    lb.wait_for_log(|l| l.contains("discovery: backends changed") && l.contains("127.0.0.4"));
+    let names: Vec<String> = reached(lb.addr(), 8).await.into_iter().collect();
+    assert_eq!(names, ["b2", "b4"]);
+    // The removed backend's live session goes on.
+    session.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    session.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still");
+    // DNS goes away: the last good set stays.
+    drop(dnsmasq);
+    lb.wait_for_log(|l| l.contains("discovery failed: keeping the last good set"));
+    let names: Vec<String> = reached(lb.addr(), 8).await.into_iter().collect();
+    assert_eq!(names, ["b2", "b4"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_takes_ports_weights_and_backups_from_srv_records() {
+    let ports = [peer_port(43), peer_port(44), peer_port(45)];
+    for (port, name) in ports.iter().zip(["s1", "s2", "s3"]) {
+        named_at(SocketAddr::from(([127, 0, 0, 1], *port)), name).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 t.l4lb.test\n").unwrap();
+    let dns_port = peer_port(46);
+    let mut dnsmasq = Command::new(crate::udp::which("dnsmasq"));
+    dnsmasq
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--listen-address=127.0.0.1", "--user=root", "--pid-file"])
+        .arg(format!("--port={dns_port}"))
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        // Priority 0 with weights 10 and 30; priority 1 is a backup.
+        .arg(format!(
+            "--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{},0,10",
+            ports[0]
+        ))
+        .arg(format!(
+            "--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{},0,30",
+            ports[1]
+        ))
+        .arg(format!(
+            "--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{},1,10",
+            ports[2]
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _dnsmasq = Peer::spawn(&mut dnsmasq, tempfile::tempdir().unwrap());
+    let lb = Balancer::start(&format!(
+        "workers: 1\nlisteners:\n  - {{ name: t, bind: \"127.0.0.1:0\", pool: p }}\npools:\n  - name: p\n    discovery: {{ dns: _db._tcp.l4lb.test, type: srv, interval: 200ms, resolver: \"127.0.0.1:{dns_port}\" }}\n"
+    ));
+    lb.wait_for_log(|l| l.contains("discovery: backends changed") && l.contains("backends=3"));
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+        let mut name = [0u8; 2];
+        s.read_exact(&mut name).await.unwrap();
+        *counts
+            .entry(String::from_utf8_lossy(&name).to_string())
+            .or_insert(0) += 1;
+    }
+    // Smooth weighted round robin over 10:30; the backup gets nothing.
+    assert_eq!(counts.get("s1"), Some(&10), "{counts:?}");
+    assert_eq!(counts.get("s2"), Some(&30), "{counts:?}");
+    assert_eq!(counts.get("s3"), None, "{counts:?}");
+}

@@ -124,6 +124,19 @@ impl PoolSnapshot {
         })
     }
 
+    /// A snapshot with no backend (a pool whose backends come from service discovery,
+    /// before its first answer): every selection finds nothing.
+    pub fn empty(algorithm: Algorithm) -> Self {
+        PoolSnapshot {
+            algorithm,
+            outlier: OutlierSettings::default(),
+            on_down: OnDown::Keep,
+            slow_start: Duration::ZERO,
+            primary: Tier::new(algorithm, Vec::new()),
+            backup: Tier::new(algorithm, Vec::new()),
+        }
+    }
+
     /// The same snapshot with these passive detection settings.
     pub fn with_outlier(mut self, outlier: OutlierSettings) -> Self {
         self.outlier = outlier;

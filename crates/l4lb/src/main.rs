@@ -5,6 +5,7 @@
 mod admin;
 mod config;
 mod ctl;
+mod discovery;
 mod logging;
 mod metrics;
 mod runtime;

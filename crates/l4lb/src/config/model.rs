@@ -82,6 +82,11 @@ pub const PREREAD_TIMEOUT: RangeInclusive<Duration> =
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `accept_proxy.timeout`.
 pub const DEFAULT_ACCEPT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// `discovery.interval`.
+pub const DISCOVERY_INTERVAL: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+/// Default `discovery.interval`.
+pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
 /// `shutdown_delay`.
 pub const SHUTDOWN_DELAY: RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_secs(3600);
@@ -207,6 +212,32 @@ pub struct Listener {
     pub freebind: bool,
 }
 
+/// What DNS record type discovery asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryKind {
+    /// IPv4 addresses, with `port`.
+    A,
+    /// IPv6 addresses, with `port`.
+    Aaaa,
+    /// Targets, ports, priorities and weights.
+    Srv,
+}
+
+/// `discovery:` of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// The name resolved.
+    pub name: String,
+    /// The record type.
+    pub kind: DiscoveryKind,
+    /// The backends' port (A and AAAA).
+    pub port: u16,
+    /// Resolve again this often (sooner when the answer's TTL ends first).
+    pub interval: Duration,
+    /// The DNS server asked (default: the system's resolv.conf).
+    pub resolver: Option<SocketAddr>,
+}
+
 /// One `sni:` route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SniRoute {
@@ -236,6 +267,8 @@ pub struct PoolConfig {
     pub health: HealthSettings,
     /// Passive detection (outlier ejection) on the data path.
     pub passive: OutlierSettings,
+    /// Backends from DNS instead of `backends:`.
+    pub discovery: Option<Discovery>,
     /// What happens to a backend's live connections when checks mark it down.
     pub on_down: OnDown,
     /// A backend that comes back up or is added ramps to its full weight over this long

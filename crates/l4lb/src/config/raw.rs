@@ -93,12 +93,24 @@ pub(super) struct RawPool {
     pub(super) health: Option<RawHealth>,
     pub(super) passive: Option<RawPassive>,
     pub(super) on_down: Option<String>,
+    pub(super) discovery: Option<RawDiscovery>,
     pub(super) slow_start: Option<RawDuration>,
     pub(super) close_after: Option<RawDuration>,
     #[serde(default)]
     pub(super) source: Vec<String>,
     #[serde(default)]
     pub(super) backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiscovery {
+    pub(super) dns: String,
+    #[serde(rename = "type")]
+    pub(super) kind: Option<String>,
+    pub(super) port: Option<u16>,
+    pub(super) interval: Option<RawDuration>,
+    pub(super) resolver: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -74,7 +74,12 @@ fn check_invariants(config: &Config) {
         assert!(MAX_FLOWS.contains(&l.max_flows));
     }
     for p in &config.pools {
-        assert!(!p.backends.is_empty() && p.backends.len() <= MAX_BACKENDS);
+        // A discovery pool has no static backends; every other pool has some.
+        assert!(p.discovery.is_some() != !p.backends.is_empty());
+        assert!(p.backends.len() <= MAX_BACKENDS);
+        if let Some(d) = &p.discovery {
+            assert!(DISCOVERY_INTERVAL.contains(&d.interval));
+        }
         assert!(HEALTH_INTERVAL.contains(&p.health.interval));
     }
 }

@@ -697,6 +697,78 @@ impl Validator {
         }
     }
 
+    fn discovery(&mut self, path: &str, d: &RawDiscovery) -> Discovery {
+        let kind = match d.kind.as_deref().unwrap_or("a") {
+            "a" => DiscoveryKind::A,
+            "aaaa" => DiscoveryKind::Aaaa,
+            "srv" => DiscoveryKind::Srv,
+            other => {
+                self.error(
+                    format!("{path}.type"),
+                    format!("unknown type {other:?} (expected a, aaaa or srv)"),
+                );
+                DiscoveryKind::A
+            }
+        };
+        let port = match (kind, d.port) {
+            (DiscoveryKind::Srv, Some(_)) => {
+                self.error(format!("{path}.port"), "SRV records carry their ports");
+                0
+            }
+            (DiscoveryKind::Srv, None) => 0,
+            (_, Some(0)) | (_, None) => {
+                self.error(
+                    format!("{path}.port"),
+                    "A and AAAA discovery needs the backends' port (1..=65535)",
+                );
+                0
+            }
+            (_, Some(port)) => port,
+        };
+        let name = d.dns.trim_end_matches('.');
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            self.error(
+                format!("{path}.dns"),
+                format!("{:?} is not a DNS name", d.dns),
+            );
+        }
+        let resolver = d
+            .resolver
+            .as_ref()
+            .and_then(|r| match r.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(
+                        format!("{path}.resolver"),
+                        format!("invalid socket address {r:?} (write ip:port)"),
+                    );
+                    None
+                }
+            });
+        let interval = self
+            .duration(
+                &format!("{path}.interval"),
+                d.interval.as_ref(),
+                DISCOVERY_INTERVAL,
+            )
+            .unwrap_or(DEFAULT_DISCOVERY_INTERVAL);
+        Discovery {
+            name: format!("{name}."),
+            kind,
+            port,
+            interval,
+            resolver,
+        }
+    }
+
     /// `send` (text; YAML's escapes give CR, LF and the like) or `send_hex` (bytes).
     fn check_payload(&mut self, path: &str, h: &RawHealth) -> Vec<u8> {
         let bytes = match (&h.send, &h.send_hex) {
@@ -1072,7 +1144,16 @@ impl Validator {
             let algorithm = self.algorithm(&path, p, udp_only);
             let health = self.health(&path, p.health.as_ref(), udp_only);
             let passive = self.passive(&path, p.passive.as_ref());
-            if p.backends.is_empty() {
+            let discovery = p
+                .discovery
+                .as_ref()
+                .map(|d| self.discovery(&format!("{path}.discovery"), d));
+            if discovery.is_some() && !p.backends.is_empty() {
+                self.error(
+                    format!("{path}.backends"),
+                    "a pool takes its backends from discovery or from backends, not both",
+                );
+            } else if p.backends.is_empty() && discovery.is_none() {
                 self.error(
                     format!("{path}.backends"),
                     "a pool needs at least one backend",
@@ -1176,6 +1257,7 @@ impl Validator {
                     algorithm,
                     health,
                     passive,
+                    discovery,
                     on_down,
                     slow_start,
                     close_after,
@@ -1469,6 +1551,30 @@ pools:
                 errs.iter().any(|e| e.starts_with(want)),
                 "{extra}: {errs:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn discovery_replaces_backends_and_its_misuse_is_explained() {
+        let text = "listeners:\n  - { name: t, bind: \"127.0.0.1:1\", pool: p }\npools:\n  - name: p\n    discovery: { dns: db.service.consul, type: srv, resolver: \"127.0.0.1:8600\" }\n";
+        let config = parse(text).unwrap();
+        let d = config.pools[0].discovery.clone().unwrap();
+        assert_eq!(d.name, "db.service.consul.");
+        assert_eq!(d.kind, DiscoveryKind::Srv);
+        assert_eq!(d.interval, DEFAULT_DISCOVERY_INTERVAL);
+        assert_eq!(d.resolver, Some("127.0.0.1:8600".parse().unwrap()));
+        assert!(config.pools[0].backends.is_empty());
+        for (pool, want) in [
+            ("discovery: { dns: db.test, type: a }\n    backends: [ { address: \"127.0.0.1:9\" } ]", "pools[0].backends: a pool takes its backends from discovery or from backends"),
+            ("discovery: { dns: db.test, type: a }", "pools[0].discovery.port: A and AAAA discovery needs the backends' port"),
+            ("discovery: { dns: db.test, type: srv, port: 5 }", "pools[0].discovery.port: SRV records carry their ports"),
+            ("discovery: { dns: \"a..b\", type: a, port: 5 }", "pools[0].discovery.dns: \"a..b\" is not a DNS name"),
+            ("discovery: { dns: db.test, type: mx, port: 5 }", "pools[0].discovery.type: unknown type \"mx\""),
+            ("discovery: { dns: db.test, port: 5, resolver: nope }", "pools[0].discovery.resolver: invalid socket address"),
+        ] {
+            let text = format!("listeners:\n  - {{ name: t, bind: \"127.0.0.1:1\", pool: p }}\npools:\n  - name: p\n    {pool}\n");
+            let errs = errors(&text);
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{pool}: {errs:#?}");
         }
     }
 }

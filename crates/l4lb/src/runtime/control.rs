@@ -26,8 +26,11 @@ use l4_core::source_limit::{ConcurrentPerSource, RatePerSource};
 use l4_core::tcp::{AcceptProxy, SharedTcpService, SniRouting, Target, TcpService, TcpStats};
 use l4_core::udp::{SharedUdpService, UdpService, UdpStats};
 use l4_health::spawn_checks;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::discovery::Discovered;
 
 use super::worker::{ListenerSocket, Worker};
 use crate::config::{self, Config, ConfigErrors, Listener, ListenerProtocol, PoolConfig};
@@ -35,8 +38,11 @@ use crate::config::{self, Config, ConfigErrors, Listener, ListenerProtocol, Pool
 /// A running pool.
 pub(crate) struct PoolEntry {
     pub(crate) pool: Arc<Pool>,
+    /// As applied: for a discovery pool, with the backends last discovered.
     pub(crate) config: PoolConfig,
     checks: CancellationToken,
+    /// The pool's discovery task, if it has one.
+    discovery: Option<CancellationToken>,
 }
 
 /// A listener's published service.
@@ -104,6 +110,8 @@ pub(crate) struct Control {
     retired: Vec<JoinHandle<()>>,
     next_worker: usize,
     fatal: CancellationToken,
+    /// Where discovery tasks send what they find (read by the control loop).
+    discovered: UnboundedSender<Discovered>,
     drain_timeout_ms: Arc<AtomicU64>,
     pub(crate) reloads: Arc<ReloadStats>,
     /// Set by `stop`: from then on nothing may start serving again.
@@ -119,7 +127,12 @@ fn unix_now() -> u64 {
 impl Control {
     /// Starts everything `config` describes. Must run inside the control runtime (health
     /// checks are spawned on it).
-    pub(crate) fn start(path: PathBuf, config: Config, fatal: CancellationToken) -> Result<Self> {
+    pub(crate) fn start(
+        path: PathBuf,
+        config: Config,
+        fatal: CancellationToken,
+        discovered: UnboundedSender<Discovered>,
+    ) -> Result<Self> {
         let empty = Config {
             workers: 0,
             listeners: Vec::new(),
@@ -135,6 +148,7 @@ impl Control {
             retired: Vec::new(),
             next_worker: 0,
             fatal,
+            discovered,
             drain_timeout_ms: Arc::new(AtomicU64::new(0)),
             reloads: Arc::new(ReloadStats::default()),
             stopping: false,
@@ -192,7 +206,16 @@ impl Control {
 
     /// Moves from the running config to `new`. Every socket the new config needs is bound
     /// before anything changes, so a bind failure leaves everything as it was.
-    pub(crate) fn apply(&mut self, new: Config) -> Result<Changes> {
+    pub(crate) fn apply(&mut self, mut new: Config) -> Result<Changes> {
+        // A discovery pool keeps the backends it last discovered while its discovery
+        // settings stay; with new settings it starts empty until the first answer.
+        for p in &mut new.pools {
+            if let Some(old) = self.pools.get(&p.name) {
+                if p.discovery.is_some() && old.config.discovery == p.discovery {
+                    p.backends = old.config.backends.clone();
+                }
+            }
+        }
         let mut changes = Changes {
             workers: (self.workers.len(), new.workers),
             ..Changes::default()
@@ -256,26 +279,15 @@ impl Control {
         for (p, snapshot) in snapshots {
             let entry = match self.pools.remove(&p.name) {
                 Some(old) => {
-                    // Backends this reload adds to a running pool ramp up (slow start).
-                    let now = std::time::Instant::now();
-                    for b in snapshot.backends() {
-                        if old.pool.backend_state(b.spec.addr).is_none() {
-                            b.state.mark_added(now);
+                    republish(&old.pool, p, snapshot);
+                    let discovery = if old.config.discovery == p.discovery {
+                        old.discovery
+                    } else {
+                        if let Some(token) = old.discovery {
+                            token.cancel();
                         }
-                    }
-                    if p.on_down == OnDown::Close {
-                        let kept: Vec<SocketAddr> =
-                            snapshot.backends().map(|b| b.spec.addr).collect();
-                        let removed: Vec<Arc<BackendState>> = old
-                            .pool
-                            .snapshot()
-                            .backends()
-                            .filter(|b| !kept.contains(&b.spec.addr))
-                            .map(|b| Arc::clone(&b.state))
-                            .collect();
-                        close_after(&p.name, removed, p.close_after);
-                    }
-                    old.pool.publish(snapshot);
+                        self.start_discovery(p)
+                    };
                     let checks = if old.config == *p {
                         old.checks
                     } else {
@@ -287,6 +299,7 @@ impl Control {
                         pool: old.pool,
                         config: p.clone(),
                         checks,
+                        discovery,
                     }
                 }
                 None => {
@@ -294,6 +307,7 @@ impl Control {
                     let pool = Arc::new(Pool::new(p.name.clone(), snapshot));
                     PoolEntry {
                         checks: start_checks(&pool, p),
+                        discovery: self.start_discovery(p),
                         pool,
                         config: p.clone(),
                     }
@@ -302,6 +316,9 @@ impl Control {
             pools.insert(p.name.clone(), entry);
         }
         for (name, old) in std::mem::take(&mut self.pools) {
+            if let Some(token) = &old.discovery {
+                token.cancel();
+            }
             if old.config.on_down == OnDown::Close {
                 let states = old
                     .pool
@@ -413,6 +430,60 @@ impl Control {
         Ok(changes)
     }
 
+    /// Starts the discovery task of a pool that has `discovery:`.
+    fn start_discovery(&self, config: &PoolConfig) -> Option<CancellationToken> {
+        let settings = config.discovery.clone()?;
+        let token = CancellationToken::new();
+        crate::discovery::spawn(
+            config.name.clone(),
+            settings,
+            self.discovered.clone(),
+            token.clone(),
+        );
+        Some(token)
+    }
+
+    /// Applies what a pool's discovery found: the pool is rebuilt through the same
+    /// snapshot builder as a reload (states carried by address), and its checks restart
+    /// over the new set.
+    pub(crate) fn set_discovered(&mut self, found: Discovered) {
+        if self.stopping {
+            return;
+        }
+        let Some(entry) = self.pools.get_mut(&found.pool) else {
+            return;
+        };
+        if entry.config.discovery.is_none() {
+            return;
+        }
+        let before: Vec<SocketAddr> = entry.config.backends.iter().map(|b| b.addr).collect();
+        let mut config = entry.config.clone();
+        config.backends = found.backends;
+        let snapshot = match build_snapshot(&config, Some(&entry.pool)) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                warn!(pool = %found.pool, error = %format!("{e:#}"), "discovered backends refused");
+                return;
+            }
+        };
+        let added: Vec<String> = config
+            .backends
+            .iter()
+            .filter(|b| !before.contains(&b.addr))
+            .map(|b| b.addr.to_string())
+            .collect();
+        let removed: Vec<String> = before
+            .iter()
+            .filter(|a| !config.backends.iter().any(|b| b.addr == **a))
+            .map(ToString::to_string)
+            .collect();
+        republish(&entry.pool, &config, snapshot);
+        entry.checks.cancel();
+        entry.checks = start_checks(&entry.pool, &config);
+        info!(pool = %found.pool, backends = config.backends.len(), added = ?added, removed = ?removed, "discovery: backends changed");
+        entry.config = config;
+    }
+
     /// Every worker stops accepting and drains; returns the threads to join.
     pub(crate) fn stop(&mut self) -> Vec<JoinHandle<()>> {
         self.stopping = true;
@@ -512,14 +583,43 @@ fn bind(addr: SocketAddr, l: &Listener, count: usize) -> Result<Vec<BoundSocket>
 /// A snapshot for `config`, carrying the state (health, operator state, counters, live
 /// connections) of every backend `old` already has at the same address.
 fn build_snapshot(config: &PoolConfig, old: Option<&Arc<Pool>>) -> Result<PoolSnapshot> {
-    let snapshot = PoolSnapshot::build(config.algorithm, &config.backends, |addr| {
-        old.and_then(|pool| pool.backend_state(addr))
-    })
-    .with_context(|| format!("pool {}", config.name))?;
+    // Only a discovery pool can be empty (before its first answer): the config check
+    // refuses a static pool without backends.
+    let snapshot = if config.backends.is_empty() && config.discovery.is_some() {
+        PoolSnapshot::empty(config.algorithm)
+    } else {
+        PoolSnapshot::build(config.algorithm, &config.backends, |addr| {
+            old.and_then(|pool| pool.backend_state(addr))
+        })
+        .with_context(|| format!("pool {}", config.name))?
+    };
     Ok(snapshot
         .with_outlier(config.passive)
         .with_on_down(config.on_down)
         .with_slow_start(config.slow_start))
+}
+
+/// Publishes `snapshot` (built for `config`) into a running pool: backends it adds ramp
+/// up (slow start), backends it removes leave like a reload removal (their live
+/// connections finish, or are reset after `close_after` with `on_down: close`).
+fn republish(pool: &Arc<Pool>, config: &PoolConfig, snapshot: PoolSnapshot) {
+    let now = std::time::Instant::now();
+    for b in snapshot.backends() {
+        if pool.backend_state(b.spec.addr).is_none() {
+            b.state.mark_added(now);
+        }
+    }
+    if config.on_down == OnDown::Close {
+        let kept: Vec<SocketAddr> = snapshot.backends().map(|b| b.spec.addr).collect();
+        let removed: Vec<Arc<BackendState>> = pool
+            .snapshot()
+            .backends()
+            .filter(|b| !kept.contains(&b.spec.addr))
+            .map(|b| Arc::clone(&b.state))
+            .collect();
+        close_after(&config.name, removed, config.close_after);
+    }
+    pool.publish(snapshot);
 }
 
 /// `on_down: close` for backends a reload removed: their live connections are reset once

@@ -77,7 +77,13 @@ async fn control_loop(
 
     let (admin_addr, admin_token) = (config.admin, config.admin_token.clone());
     let (workers, listeners, pools) = (config.workers, config.listeners.len(), config.pools.len());
-    let control = Arc::new(Mutex::new(Control::start(path, config, fatal.clone())?));
+    let (discovered_tx, mut discovered) = tokio::sync::mpsc::unbounded_channel();
+    let control = Arc::new(Mutex::new(Control::start(
+        path,
+        config,
+        fatal.clone(),
+        discovered_tx,
+    )?));
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = admin_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -107,6 +113,7 @@ async fn control_loop(
                 info!("SIGHUP: reloading the config");
                 let _ = lock().reload();
             }
+            Some(found) = discovered.recv() => lock().set_discovered(found),
             _ = usr1.recv() => {
                 info!("SIGUSR1: reopening the access log file");
                 reopen_access_log.store(true, Ordering::Relaxed);
