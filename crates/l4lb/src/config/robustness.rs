@@ -75,7 +75,7 @@ fn check_invariants(config: &Config) {
     }
     for p in &config.pools {
         // A discovery pool has no static backends; every other pool has some.
-        assert!(p.discovery.is_some() != !p.backends.is_empty());
+        assert_eq!(p.discovery.is_some(), p.backends.is_empty());
         assert!(p.backends.len() <= MAX_BACKENDS);
         if let Some(d) = &p.discovery {
             assert!(DISCOVERY_INTERVAL.contains(&d.interval));
