@@ -21,6 +21,8 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 # Protocol health checks: a Redis primary/replica pair swaps roles behind l4lb.
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+# The ECMP tier test runs BIRD 2 in network namespaces (deploy/bgp/).
+command -v bird >/dev/null || need+=(bird2)
 # deploy/l4lb.service is checked with systemd-analyze verify.
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # promtool checks /metrics; prlimit (util-linux) and ip (iproute2) run l4lb under a

@@ -6,6 +6,7 @@ mod harness;
 
 mod balance;
 mod check;
+mod ecmp;
 mod edge;
 mod failover;
 mod hardening;
