@@ -304,6 +304,10 @@ fn an_ecmp_tier_announced_over_bgp_spreads_and_drains_a_node() {
         "the leaving node's route was withdrawn"
     );
     assert_eq!(failures, 0, "{served} served, {failures} failed");
+    // While the route changed, the leaving node still accepted (shutdown_delay): without
+    // it, every connection hashed there would be refused. At most one may break because its
+    // handshake straddled the change itself.
+    assert!(switching.1 <= 1, "{switching:?}");
     // The leaving node stopped accepting during that window (after its delay).
     lbs[leaving].wait_for_log(|l| l.contains("stopping: no new connections"));
     // The UDP flow now crosses the other node and keeps its backend (maglev on the same

@@ -566,6 +566,9 @@ async fn admin_off_loopback_needs_a_token_and_the_token_is_checked() {
         &format!("admin_token: {token}"),
     ));
     assert_eq!(http(lb.admin(), "GET", "/status", "", None).await.0, 401);
+    // Probes need no token: orchestrators and routing daemons poll them bare.
+    assert_eq!(http(lb.admin(), "GET", "/ready", "", None).await.0, 200);
+    assert_eq!(http(lb.admin(), "GET", "/live", "", None).await.0, 200);
     assert_eq!(
         http(
             lb.admin(),

@@ -21,6 +21,9 @@ use crate::config::{Discovery, DiscoveryKind};
 #[derive(Debug)]
 pub(crate) struct Discovered {
     pub(crate) pool: String,
+    /// The settings the answer was found with: an answer queued by a task that a reload
+    /// has since replaced is dropped.
+    pub(crate) settings: Discovery,
     pub(crate) backends: Vec<BackendSpec>,
 }
 
@@ -82,6 +85,7 @@ async fn run(pool: String, settings: Discovery, tx: UnboundedSender<Discovered>)
                     if tx
                         .send(Discovered {
                             pool: pool.clone(),
+                            settings: settings.clone(),
                             backends,
                         })
                         .is_err()
@@ -89,11 +93,12 @@ async fn run(pool: String, settings: Discovery, tx: UnboundedSender<Discovered>)
                         return;
                     }
                 }
-                // Sooner than the interval when the records expire first (never a spin:
-                // a TTL of 0 waits a tenth of the interval).
-                ttl.map_or(settings.interval, |ttl| {
-                    ttl.clamp(settings.interval / 10, settings.interval)
-                })
+                // Sooner than the interval when the records expire first; a TTL under a
+                // second (Consul's and dnsmasq's default is 0) is no hint.
+                match ttl {
+                    Some(ttl) if ttl >= Duration::from_secs(1) => ttl.min(settings.interval),
+                    _ => settings.interval,
+                }
             }
             outcome => {
                 if !failing {
@@ -140,7 +145,18 @@ async fn resolve(
             let best = answer.iter().map(|srv| srv.priority()).min().unwrap_or(0);
             let mut backends = Vec::new();
             for srv in answer.iter() {
-                let ips = resolver.lookup_ip(srv.target().clone()).await?;
+                // "." means no service here (RFC 2782); a target that does not resolve
+                // is skipped, not a reason to drop the whole answer.
+                if srv.target().is_root() {
+                    continue;
+                }
+                let ips = match resolver.lookup_ip(srv.target().clone()).await {
+                    Ok(ips) => ips,
+                    Err(e) => {
+                        warn!(target = %srv.target(), error = %e, "discovery: SRV target does not resolve; skipped");
+                        continue;
+                    }
+                };
                 for ip in ips.iter() {
                     // SRV weights are 0..=65535; l4lb's 1..=256 (0 still gets a share).
                     let weight = u32::from(srv.weight()).clamp(1, l4_balance::MAX_WEIGHT);
@@ -154,8 +170,10 @@ async fn resolve(
             (backends, answer.as_lookup().valid_until())
         }
     };
-    backends.sort_by_key(|b| b.addr);
+    // One entry per address, a primary winning over a backup whatever the answer's order.
+    backends.sort_by_key(|b| (b.addr, b.backup));
     backends.dedup_by_key(|b| b.addr);
+    backends.truncate(crate::config::MAX_BACKENDS);
     let ttl = valid_until.checked_duration_since(now);
     Ok((backends, ttl))
 }

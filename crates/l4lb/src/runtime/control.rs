@@ -211,7 +211,15 @@ impl Control {
         // settings stay; with new settings it starts empty until the first answer.
         for p in &mut new.pools {
             if let Some(old) = self.pools.get(&p.name) {
-                if p.discovery.is_some() && old.config.discovery == p.discovery {
+                // Same question (name, type, port): the answer stands while the task
+                // restarts with a new interval or resolver.
+                let same_question = match (&p.discovery, &old.config.discovery) {
+                    (Some(new), Some(old)) => {
+                        (&new.name, new.kind, new.port) == (&old.name, old.kind, old.port)
+                    }
+                    _ => false,
+                };
+                if same_question {
                     p.backends = old.config.backends.clone();
                 }
             }
@@ -453,7 +461,8 @@ impl Control {
         let Some(entry) = self.pools.get_mut(&found.pool) else {
             return;
         };
-        if entry.config.discovery.is_none() {
+        if entry.config.discovery.as_ref() != Some(&found.settings) {
+            // Found by a task a reload has replaced since.
             return;
         }
         let before: Vec<SocketAddr> = entry.config.backends.iter().map(|b| b.addr).collect();
@@ -489,6 +498,9 @@ impl Control {
         self.stopping = true;
         for entry in self.pools.values() {
             entry.checks.cancel();
+            if let Some(discovery) = &entry.discovery {
+                discovery.cancel();
+            }
         }
         let mut threads = std::mem::take(&mut self.retired);
         for worker in &mut self.workers {
