@@ -327,6 +327,45 @@ def idle_memory(port, pids):
     return (after - before) / IDLE_CONNS
 
 
+def syscalls_per_request(port, pids, close):
+    """Syscalls the proxy makes per request (per proxied connection with `close`): strace -c
+    attached to every thread of the proxy for one wrk run (strace slows it; the counts per
+    request are what matter). Returns (total per request, {syscall: per request})."""
+    if not shutil.which("strace"):
+        return None, {}
+    out = os.path.join(tmp, f"strace-{port}-{close}.txt")
+    cmd = ["strace", "-c", "-f", "-q", "-o", out]
+    for pid in proc_tree(pids):
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                cmd += ["-p", tid]
+        except OSError:
+            pass
+    tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # let strace attach before the load starts
+    w = ["wrk", "-t", "1", "-c", "16", "-d", f"{SECONDS}s"]
+    if close:
+        w += ["-H", "Connection: close"]
+    r = run(w + [f"http://127.0.0.1:{port}/"])
+    tracer.send_signal(signal.SIGINT)
+    try:
+        tracer.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        tracer.kill()
+    m = re.search(r"(\d+) requests in", r.stdout)
+    requests = int(m.group(1)) if m else 0
+    if not requests or not os.path.exists(out):
+        return None, {}
+    calls = {}
+    for line in open(out):
+        f = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(f) >= 5 and f[0][0].isdigit() and f[3].isdigit() and f[-1] != "total":
+            calls[f[-1]] = int(f[3])
+    total = sum(calls.values())
+    return total / requests, {k: v / requests for k, v in calls.items()}
+
+
 def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -398,6 +437,26 @@ def main():
               f"{ratio(m['l4lb'], m['haproxy'])} | {ratio(m['l4lb'], m['nginx'])} | {ratio(m['l4lb'], m['direct'])} |")
     if cpu_per_gb:
         print(f"\nl4lb CPU seconds per GB relayed (tcp 1 stream): {statistics.median(cpu_per_gb):.3f}")
+    if not ONLY or "syscalls" in ONLY:
+        # What explains the connection and keep-alive rows: syscalls per proxied
+        # connection (Connection: close) and per keep-alive request, for each proxy.
+        print("\n| syscalls per request | l4lb | HAProxy | nginx |")
+        print("|---|---|---|---|")
+        rows = {}
+        for t in ("l4lb", "haproxy", "nginx"):
+            for label, close in (("per connection (close)", True), ("per keep-alive request", False)):
+                total, each = syscalls_per_request(PORTS[t][0], pids[t], close)
+                rows.setdefault(label, {})[t] = (total, each)
+        for label, per in rows.items():
+            cells = []
+            for t in ("l4lb", "haproxy", "nginx"):
+                total, each = per[t]
+                if total is None:
+                    cells.append("-")
+                    continue
+                top = sorted(each.items(), key=lambda kv: -kv[1])[:4]
+                cells.append(f"{total:.1f} ({', '.join(f'{k} {v:.1f}' for k, v in top)})")
+            print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n{ROUNDS} rounds, {SECONDS}s per run, {WORKERS} workers each, medians; {time.time() - started:.0f}s in all")
     print(f"l4lb ran with its default log level and its admin endpoint scraped once a second ({scrapes['ok']} scrapes, {scrapes['failed']} failed)")
     # What l4lb refused or dropped over the whole run, to explain a slow or hung scenario.

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v wrk >/dev/null || need+=(wrk)
+command -v strace >/dev/null || need+=(strace)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
