@@ -97,6 +97,17 @@ impl Validator {
 
     /// A number within `range`, `default` when absent; out of range is an error naming
     /// the range (and `default` stands in so validation can go on).
+    /// [`Validator::duration`] with the value to use when the key is absent or invalid.
+    fn duration_or(
+        &mut self,
+        path: &str,
+        raw: Option<&RawDuration>,
+        range: RangeInclusive<Duration>,
+        default: Duration,
+    ) -> Duration {
+        self.duration(path, raw, range).unwrap_or(default)
+    }
+
     fn number<T>(&mut self, path: &str, value: Option<T>, range: RangeInclusive<T>, default: T) -> T
     where
         T: PartialOrd + Copy + std::fmt::Display,
@@ -144,31 +155,31 @@ impl Validator {
             }
         }
         let access_log = self.access_log(raw.log.as_ref());
-        let drain_timeout = self
-            .duration("drain_timeout", raw.drain_timeout.as_ref(), DRAIN_TIMEOUT)
-            .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
-        let shutdown_delay = self
-            .duration(
-                "shutdown_delay",
-                raw.shutdown_delay.as_ref(),
-                SHUTDOWN_DELAY,
-            )
-            .unwrap_or(Duration::ZERO);
+        let drain_timeout = self.duration_or(
+            "drain_timeout",
+            raw.drain_timeout.as_ref(),
+            DRAIN_TIMEOUT,
+            DEFAULT_DRAIN_TIMEOUT,
+        );
+        let shutdown_delay = self.duration_or(
+            "shutdown_delay",
+            raw.shutdown_delay.as_ref(),
+            SHUTDOWN_DELAY,
+            Duration::ZERO,
+        );
         let d = &raw.defaults;
-        let default_connect = self
-            .duration(
-                "defaults.connect_timeout",
-                d.connect_timeout.as_ref(),
-                CONNECT_TIMEOUT,
-            )
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let default_idle = self
-            .duration(
-                "defaults.idle_timeout",
-                d.idle_timeout.as_ref(),
-                IDLE_TIMEOUT,
-            )
-            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let default_connect = self.duration_or(
+            "defaults.connect_timeout",
+            d.connect_timeout.as_ref(),
+            CONNECT_TIMEOUT,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let default_idle = self.duration_or(
+            "defaults.idle_timeout",
+            d.idle_timeout.as_ref(),
+            IDLE_TIMEOUT,
+            DEFAULT_IDLE_TIMEOUT,
+        );
         let default_retries = self.number("defaults.retries", d.retries, RETRIES, DEFAULT_RETRIES);
         let default_relay = self
             .relay_mode("defaults.relay", d.relay.as_deref())
@@ -298,13 +309,12 @@ impl Validator {
                     "applies only with sni routes",
                 );
             }
-            let sni_timeout = self
-                .duration(
-                    &format!("{path}.sni_timeout"),
-                    l.sni_timeout.as_ref(),
-                    PREREAD_TIMEOUT,
-                )
-                .unwrap_or(DEFAULT_SNI_TIMEOUT);
+            let sni_timeout = self.duration_or(
+                &format!("{path}.sni_timeout"),
+                l.sni_timeout.as_ref(),
+                PREREAD_TIMEOUT,
+                DEFAULT_SNI_TIMEOUT,
+            );
             let accept_proxy = l.accept_proxy.as_ref().map(|raw| {
                 let from = self.networks(&format!("{path}.accept_proxy.from"), &raw.from);
                 if raw.from.is_empty() {
@@ -319,13 +329,12 @@ impl Validator {
                         "applies to tcp listeners only (each datagram carries its header)",
                     );
                 }
-                let timeout = self
-                    .duration(
-                        &format!("{path}.accept_proxy.timeout"),
-                        raw.timeout.as_ref(),
-                        PREREAD_TIMEOUT,
-                    )
-                    .unwrap_or(DEFAULT_ACCEPT_PROXY_TIMEOUT);
+                let timeout = self.duration_or(
+                    &format!("{path}.accept_proxy.timeout"),
+                    raw.timeout.as_ref(),
+                    PREREAD_TIMEOUT,
+                    DEFAULT_ACCEPT_PROXY_TIMEOUT,
+                );
                 AcceptProxyConfig { from, timeout }
             });
             let proxy_protocol_udp = match l.proxy_protocol_udp.as_deref() {
@@ -452,26 +461,24 @@ impl Validator {
                 RETRIES,
                 default_retries,
             );
-            let connect_timeout = self
-                .duration(
-                    &format!("{path}.connect_timeout"),
-                    l.connect_timeout.as_ref(),
-                    CONNECT_TIMEOUT,
-                )
-                .unwrap_or(default_connect);
+            let connect_timeout = self.duration_or(
+                &format!("{path}.connect_timeout"),
+                l.connect_timeout.as_ref(),
+                CONNECT_TIMEOUT,
+                default_connect,
+            );
             // UDP flows are short-lived by nature: defaults.idle_timeout (sized for TCP
             // sessions) does not apply to them.
-            let idle_timeout = self
-                .duration(
-                    &format!("{path}.idle_timeout"),
-                    l.idle_timeout.as_ref(),
-                    IDLE_TIMEOUT,
-                )
-                .unwrap_or(if is_udp {
+            let idle_timeout = self.duration_or(
+                &format!("{path}.idle_timeout"),
+                l.idle_timeout.as_ref(),
+                IDLE_TIMEOUT,
+                if is_udp {
                     DEFAULT_UDP_IDLE_TIMEOUT
                 } else {
                     default_idle
-                });
+                },
+            );
             let relay = self
                 .relay_mode(&format!("{path}.relay"), l.relay.as_deref())
                 .unwrap_or(default_relay);
@@ -579,20 +586,18 @@ impl Validator {
             self.error(format!("{path}.health.port"), "must be 1..=65535");
         }
         HealthSettings {
-            interval: self
-                .duration(
-                    &format!("{path}.health.interval"),
-                    h.interval.as_ref(),
-                    HEALTH_INTERVAL,
-                )
-                .unwrap_or(defaults.interval),
-            timeout: self
-                .duration(
-                    &format!("{path}.health.timeout"),
-                    h.timeout.as_ref(),
-                    HEALTH_TIMEOUT,
-                )
-                .unwrap_or(defaults.timeout),
+            interval: self.duration_or(
+                &format!("{path}.health.interval"),
+                h.interval.as_ref(),
+                HEALTH_INTERVAL,
+                defaults.interval,
+            ),
+            timeout: self.duration_or(
+                &format!("{path}.health.timeout"),
+                h.timeout.as_ref(),
+                HEALTH_TIMEOUT,
+                defaults.timeout,
+            ),
             rise,
             fall,
             port: h.port,
@@ -670,16 +675,7 @@ impl Validator {
             },
             "dns" => {
                 let name = h.dns_name.clone().unwrap_or_else(|| "localhost".into());
-                let trimmed = name.trim_end_matches('.');
-                let valid = !trimmed.is_empty()
-                    && trimmed.len() <= 253
-                    && trimmed.split('.').all(|l| {
-                        !l.is_empty()
-                            && l.len() <= 63
-                            && l.bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                    });
-                if !valid {
+                if !is_dns_name(&name) {
                     self.error(
                         format!("{path}.dns_name"),
                         format!("{name:?} is not a DNS name"),
@@ -726,15 +722,7 @@ impl Validator {
             (_, Some(port)) => port,
         };
         let name = d.dns.trim_end_matches('.');
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            });
-        if !valid {
+        if !is_dns_name(name) {
             self.error(
                 format!("{path}.dns"),
                 format!("{:?} is not a DNS name", d.dns),
@@ -753,13 +741,12 @@ impl Validator {
                     None
                 }
             });
-        let interval = self
-            .duration(
-                &format!("{path}.interval"),
-                d.interval.as_ref(),
-                DISCOVERY_INTERVAL,
-            )
-            .unwrap_or(DEFAULT_DISCOVERY_INTERVAL);
+        let interval = self.duration_or(
+            &format!("{path}.interval"),
+            d.interval.as_ref(),
+            DISCOVERY_INTERVAL,
+            DEFAULT_DISCOVERY_INTERVAL,
+        );
         Discovery {
             name: format!("{name}."),
             kind,
@@ -1003,20 +990,18 @@ impl Validator {
             0..=100,
             u32::from(defaults.max_ejection_percent),
         ) as u8;
-        let ejection_time = self
-            .duration(
-                &format!("{path}.passive.ejection_time"),
-                p.ejection_time.as_ref(),
-                EJECTION_TIME,
-            )
-            .unwrap_or(defaults.ejection_time);
-        let max_ejection_time = self
-            .duration(
-                &format!("{path}.passive.max_ejection_time"),
-                p.max_ejection_time.as_ref(),
-                EJECTION_TIME,
-            )
-            .unwrap_or(defaults.max_ejection_time.max(ejection_time));
+        let ejection_time = self.duration_or(
+            &format!("{path}.passive.ejection_time"),
+            p.ejection_time.as_ref(),
+            EJECTION_TIME,
+            defaults.ejection_time,
+        );
+        let max_ejection_time = self.duration_or(
+            &format!("{path}.passive.max_ejection_time"),
+            p.max_ejection_time.as_ref(),
+            EJECTION_TIME,
+            defaults.max_ejection_time.max(ejection_time),
+        );
         if ejection_time > max_ejection_time {
             self.error(
                 format!("{path}.passive.ejection_time"),
@@ -1229,20 +1214,18 @@ impl Validator {
                 if p.close_after.is_some() && on_down != OnDown::Close {
                     self.error(format!("{path}.close_after"), "applies with on_down: close");
                 }
-                let close_after = self
-                    .duration(
-                        &format!("{path}.close_after"),
-                        p.close_after.as_ref(),
-                        CLOSE_AFTER,
-                    )
-                    .unwrap_or(Duration::ZERO);
-                let slow_start = self
-                    .duration(
-                        &format!("{path}.slow_start"),
-                        p.slow_start.as_ref(),
-                        SLOW_START,
-                    )
-                    .unwrap_or(Duration::ZERO);
+                let close_after = self.duration_or(
+                    &format!("{path}.close_after"),
+                    p.close_after.as_ref(),
+                    CLOSE_AFTER,
+                    Duration::ZERO,
+                );
+                let slow_start = self.duration_or(
+                    &format!("{path}.slow_start"),
+                    p.slow_start.as_ref(),
+                    SLOW_START,
+                    Duration::ZERO,
+                );
                 if !slow_start.is_zero() && algorithm.is_hashing() {
                     self.error(
                         format!("{path}.slow_start"),
@@ -1268,6 +1251,20 @@ impl Validator {
         }
         pools
     }
+}
+
+/// A DNS name l4lb may ask for: labels of letters, digits, `-` and `_`, 1 to 63 bytes
+/// each, 253 at most in all (a trailing dot allowed).
+fn is_dns_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
