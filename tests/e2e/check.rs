@@ -4,7 +4,8 @@ use std::process::Command;
 
 use crate::harness::binary;
 
-fn check(text: &str) -> (i32, String) {
+/// Runs `l4lb --check` on `text`: (exit code, stderr).
+pub fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, text).unwrap();

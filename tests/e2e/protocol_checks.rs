@@ -40,6 +40,18 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
         .args(args))
 }
 
+/// Six new connections through l4lb write (a replica would answer READONLY) and reach the
+/// Redis on `port`.
+fn writes_reach(lb_port: u16, port: u16) {
+    for i in 0..6 {
+        assert_eq!(redis_cli(lb_port, &["SET", &format!("k{i}"), "v"]), "OK");
+        assert_eq!(
+            redis_cli(lb_port, &["CONFIG", "GET", "port"]),
+            format!("port\n{port}")
+        );
+    }
+}
+
 #[test]
 fn redis_primary_check_follows_a_role_swap() {
     let (a, b) = (peer_port(31), peer_port(32));
@@ -61,13 +73,7 @@ fn redis_primary_check_follows_a_role_swap() {
         (([127, 0, 0, 1], a).into(), ([127, 0, 0, 1], b).into());
     lb.wait_for_log(|l| state_change(l, addr_b, "down"));
     // Every new connection reaches the primary: writes succeed, and it is `a`.
-    for i in 0..6 {
-        assert_eq!(redis_cli(lb_port, &["SET", &format!("k{i}"), "v"]), "OK");
-        assert_eq!(
-            redis_cli(lb_port, &["CONFIG", "GET", "port"]),
-            format!("port\n{a}")
-        );
-    }
+    writes_reach(lb_port, a);
     // A client session on the primary, open across the swap.
     let mut session = std::net::TcpStream::connect(lb.addr()).unwrap();
     session.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -88,13 +94,7 @@ fn redis_primary_check_follows_a_role_swap() {
         "{cut:?}"
     );
     lb.wait_for_log(|l| state_change(l, addr_b, "up"));
-    for i in 0..6 {
-        assert_eq!(redis_cli(lb_port, &["SET", &format!("k{i}"), "w"]), "OK");
-        assert_eq!(
-            redis_cli(lb_port, &["CONFIG", "GET", "port"]),
-            format!("port\n{b}")
-        );
-    }
+    writes_reach(lb_port, b);
 }
 
 /// A Patroni-style REST endpoint on `ip:port`: `GET /primary` answers 200 while `primary`

@@ -35,16 +35,11 @@ async fn shutdown_delay_keeps_serving_while_not_ready_then_drains() {
     assert_eq!(status, 200);
     let signalled = Instant::now();
     lb.terminate();
-    // Not ready at once (routers and load balancers stop sending) ...
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (status, _) = http(lb.admin(), "GET", "/ready", "", None).await;
-        if status == 503 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "/ready never turned 503");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Not ready at once (routers and load balancers stop sending): l4lb logs the delay
+    // once /ready has turned ...
+    lb.wait_for_log(|l| l.contains("not ready: still accepting"));
+    let (status, _) = http(lb.admin(), "GET", "/ready", "", None).await;
+    assert_eq!(status, 503);
     // ... but a client that still arrives during the delay is served.
     assert_eq!(echo_through(lb.addr(), b"late").await.unwrap(), b"late");
     assert!(
@@ -199,6 +194,26 @@ fn the_kubernetes_example_config_passes_check() {
     );
 }
 
+/// dnsmasq on 127.0.0.1:`port` answering from the hosts file `hosts` (reread on SIGHUP)
+/// and `extra` options.
+fn dnsmasq_with_hosts(hosts: &std::path::Path, port: u16, extra: &[String]) -> Peer {
+    let mut dnsmasq = Command::new(crate::udp::which("dnsmasq"));
+    dnsmasq
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--listen-address=127.0.0.1", "--user=root", "--pid-file"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Peer::spawn(&mut dnsmasq, tempfile::tempdir().unwrap())
+}
+
 /// A backend on `addr` that writes `name`, then echoes.
 async fn named_at(addr: SocketAddr, name: &'static str) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -243,20 +258,7 @@ async fn dns_discovery_follows_the_records_and_keeps_the_last_set_when_dns_fails
     std::fs::write(&hosts, "127.0.0.2 svc.l4lb.test\n127.0.0.3 svc.l4lb.test\n").unwrap();
     let dns_port = peer_port(42);
     let dig = crate::udp::which("dig");
-    let mut dnsmasq = Command::new(crate::udp::which("dnsmasq"));
-    dnsmasq
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-        ])
-        .args(["--listen-address=127.0.0.1", "--user=root", "--pid-file"])
-        .arg(format!("--port={dns_port}"))
-        .arg(format!("--addn-hosts={}", hosts.display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let dnsmasq = Peer::spawn(&mut dnsmasq, tempfile::tempdir().unwrap());
+    let dnsmasq = dnsmasq_with_hosts(&hosts, dns_port, &[]);
     let answers = |dig: &str| {
         let out = Command::new(dig)
             .args(["+short", "+tries=1", "+time=1", "-p", &dns_port.to_string()])
@@ -313,33 +315,13 @@ async fn dns_discovery_takes_ports_weights_and_backups_from_srv_records() {
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 t.l4lb.test\n").unwrap();
     let dns_port = peer_port(46);
-    let mut dnsmasq = Command::new(crate::udp::which("dnsmasq"));
-    dnsmasq
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-        ])
-        .args(["--listen-address=127.0.0.1", "--user=root", "--pid-file"])
-        .arg(format!("--port={dns_port}"))
-        .arg(format!("--addn-hosts={}", hosts.display()))
-        // Priority 0 with weights 10 and 30; priority 1 is a backup.
-        .arg(format!(
-            "--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{},0,10",
-            ports[0]
-        ))
-        .arg(format!(
-            "--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{},0,30",
-            ports[1]
-        ))
-        .arg(format!(
-            "--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{},1,10",
-            ports[2]
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _dnsmasq = Peer::spawn(&mut dnsmasq, tempfile::tempdir().unwrap());
+    // Priority 0 with weights 10 and 30; priority 1 is a backup.
+    let srv = [(ports[0], 0, 10), (ports[1], 0, 30), (ports[2], 1, 10)].map(
+        |(port, priority, weight)| {
+            format!("--srv-host=_db._tcp.l4lb.test,t.l4lb.test,{port},{priority},{weight}")
+        },
+    );
+    let _dnsmasq = dnsmasq_with_hosts(&hosts, dns_port, &srv);
     let lb = Balancer::start(&format!(
         "workers: 1\nlisteners:\n  - {{ name: t, bind: \"127.0.0.1:0\", pool: p }}\npools:\n  - name: p\n    discovery: {{ dns: _db._tcp.l4lb.test, type: srv, interval: 200ms, resolver: \"127.0.0.1:{dns_port}\" }}\n"
     ));

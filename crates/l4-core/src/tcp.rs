@@ -569,43 +569,24 @@ mod tests {
     #[test]
     fn only_the_backend_ending_a_silent_connection_is_an_empty_close() {
         use Side::{Backend, Client};
-        // The backend closed or reset first, nothing moved: accept-then-die.
-        assert!(closed_before_any_byte(&report(
-            RelayEnd::Closed,
-            Some(Backend),
-            0
-        )));
-        assert!(closed_before_any_byte(&report(
-            RelayEnd::Reset(Backend),
-            None,
-            0
-        )));
-        // The client left first (a port check, a scanner), or answered by a reset.
-        assert!(!closed_before_any_byte(&report(
-            RelayEnd::Closed,
-            Some(Client),
-            0
-        )));
-        assert!(!closed_before_any_byte(&report(
-            RelayEnd::Reset(Backend),
-            Some(Client),
-            0
-        )));
-        assert!(!closed_before_any_byte(&report(
-            RelayEnd::Reset(Client),
-            None,
-            0
-        )));
-        // Bytes moved: a served connection.
-        assert!(!closed_before_any_byte(&report(
-            RelayEnd::Closed,
-            Some(Backend),
-            5
-        )));
-        assert!(!closed_before_any_byte(&report(
-            RelayEnd::IdleTimeout,
-            None,
-            0
-        )));
+        for (end, first_fin, bytes, empty) in [
+            // The backend closed or reset first, nothing moved: accept-then-die.
+            (RelayEnd::Closed, Some(Backend), 0, true),
+            (RelayEnd::Reset(Backend), None, 0, true),
+            // The client left first (a port check, a scanner), or answered by a reset.
+            (RelayEnd::Closed, Some(Client), 0, false),
+            (RelayEnd::Reset(Backend), Some(Client), 0, false),
+            (RelayEnd::Reset(Client), None, 0, false),
+            // Bytes moved: a served connection.
+            (RelayEnd::Closed, Some(Backend), 5, false),
+            (RelayEnd::IdleTimeout, None, 0, false),
+        ] {
+            let report = report(end, first_fin, bytes);
+            assert_eq!(
+                closed_before_any_byte(&report),
+                empty,
+                "{end:?} {first_fin:?} {bytes}"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfigGroup, ResolveHosts, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::rr::RecordType;
 use hickory_resolver::{ResolveError, TokioResolver};
 use l4_balance::BackendSpec;
 use tokio::sync::mpsc::UnboundedSender;
@@ -123,19 +124,17 @@ async fn resolve(
 ) -> Result<(Vec<BackendSpec>, Option<Duration>), ResolveError> {
     let now = std::time::Instant::now();
     let (mut backends, valid_until) = match settings.kind {
-        DiscoveryKind::A => {
-            let answer = resolver.ipv4_lookup(settings.name.as_str()).await?;
+        DiscoveryKind::A | DiscoveryKind::Aaaa => {
+            let kind = if settings.kind == DiscoveryKind::A {
+                RecordType::A
+            } else {
+                RecordType::AAAA
+            };
+            let answer = resolver.lookup(settings.name.as_str(), kind).await?;
             let backends = answer
                 .iter()
-                .map(|a| spec(SocketAddr::new(a.0.into(), settings.port), 1, false))
-                .collect();
-            (backends, answer.valid_until())
-        }
-        DiscoveryKind::Aaaa => {
-            let answer = resolver.ipv6_lookup(settings.name.as_str()).await?;
-            let backends = answer
-                .iter()
-                .map(|a| spec(SocketAddr::new(a.0.into(), settings.port), 1, false))
+                .filter_map(|data| data.ip_addr())
+                .map(|ip| spec(SocketAddr::new(ip, settings.port), 1, false))
                 .collect();
             (backends, answer.valid_until())
         }
