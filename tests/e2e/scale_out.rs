@@ -178,20 +178,8 @@ fn the_kubernetes_example_config_passes_check() {
         .iter()
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("l4lb.yaml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(binary())
-        .arg("--check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stderr) = crate::check::check(&text);
+    assert_eq!(code, 0, "{stderr}");
 }
 
 /// dnsmasq on 127.0.0.1:`port` answering from the hosts file `hosts` (reread on SIGHUP)

@@ -197,19 +197,27 @@ mod tests {
         out
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_protocol_check_probes_at_once_and_its_first_failure_decides() {
-        let settings = HealthSettings {
+    /// Active connect probes every second, rise 2, fall 3.
+    fn every_second() -> HealthSettings {
+        HealthSettings {
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(100),
             rise: 2,
             fall: 3,
             port: None,
+            check: crate::Check::TcpConnect,
+            active: true,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_protocol_check_probes_at_once_and_its_first_failure_decides() {
+        let settings = HealthSettings {
             check: crate::Check::Tcp {
                 send: b"INFO replication\r\n".to_vec(),
                 expect: crate::Expect::Contains(b"role:master".to_vec()),
             },
-            active: true,
+            ..every_second()
         };
         // A replica at start: down after its first probe, which runs at once; afterwards
         // `fall` applies again (two failures do not take it down once it is back up).
@@ -222,15 +230,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn fall_then_rise_in_paused_time() {
-        let settings = HealthSettings {
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(100),
-            rise: 2,
-            fall: 3,
-            port: None,
-            check: crate::Check::TcpConnect,
-            active: true,
-        };
+        let settings = every_second();
         let seen = scripted(settings, &[false, false, false, true, true, true]).await;
         let health: Vec<Health> = seen.iter().map(|(h, _)| *h).collect();
         use Health::*;
