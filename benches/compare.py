@@ -252,9 +252,11 @@ def wrk(port, conns, close):
         cmd += ["-H", "Connection: close"]
     r = run(cmd + [f"http://127.0.0.1:{port}/"])
     m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
+    n = re.search(r"(\d+) requests in", r.stdout)
     errors = re.search(r"Socket errors: (.*)", r.stdout)
     return {
         "rps": float(m.group(1)) if m else None,
+        "requests": int(n.group(1)) if n else 0,
         "p50": parse_latency(r.stdout, "50"),
         "p99": parse_latency(r.stdout, "99"),
         "errors": errors.group(1) if errors else "",
@@ -383,19 +385,30 @@ def main():
         ("tcp 4 streams -R (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-P", "4", "-R")),
         ("udp 64B (k datagrams/s)", lambda t: None if t == "haproxy" else udp_kpps(PORTS[t][1])),
         ("udp 64B, 16 flows (k datagrams/s)", lambda t: None if t == "haproxy" else udp_kpps(PORTS[t][1], "-P", "16")),
-        ("new conn/s, 32 conns", lambda t: wrk(PORTS[t][0], 32, True)["rps"]),
-        ("new conn/s, 256 conns", lambda t: wrk(PORTS[t][0], 256, True)["rps"]),
+        ("new conn/s, 32 conns", lambda t: wrk_cpu(t, 32, True)),
+        ("new conn/s, 256 conns", lambda t: wrk_cpu(t, 256, True)),
         ("keep-alive req/s, 64 conns", "ka"),
     ]
     if ONLY:
         scenarios = [s for s in scenarios if any(o in s[0] for o in ONLY)]
     results = {}
     cpu_per_gb = []
+    # CPU seconds the proxy spent per 100k connections (close) or keep-alive requests.
+    cpu_per_100k = {}
+
+    def wrk_cpu(t, conns, close):
+        before = cpu_seconds(pids[t]) if t in pids else None
+        r = wrk(PORTS[t][0], conns, close)
+        if before is not None and r["requests"]:
+            label = f"per 100k connections ({conns} conns)" if close else f"per 100k keep-alive requests ({conns} conns)"
+            spent = cpu_seconds(pids[t]) - before
+            cpu_per_100k.setdefault(label, {}).setdefault(t, []).append(spent / r["requests"] * 1e5)
+        return r if not close else r["rps"]
     for rnd in range(ROUNDS):
         for name, fn in scenarios:
             for t in targets:
                 if fn == "ka":
-                    r = wrk(PORTS[t][0], 64, False)
+                    r = wrk_cpu(t, 64, False)
                     for key, label in (("rps", name), ("p50", "keep-alive p50 (ms)"), ("p99", "keep-alive p99 (ms)")):
                         results.setdefault(label, {}).setdefault(t, []).append(r[key])
                     continue
@@ -437,6 +450,13 @@ def main():
               f"{ratio(m['l4lb'], m['haproxy'])} | {ratio(m['l4lb'], m['nginx'])} | {ratio(m['l4lb'], m['direct'])} |")
     if cpu_per_gb:
         print(f"\nl4lb CPU seconds per GB relayed (tcp 1 stream): {statistics.median(cpu_per_gb):.3f}")
+    if cpu_per_100k:
+        # The proxy's own CPU (user + system, all threads) over the same runs as the table.
+        print("\n| proxy CPU seconds | l4lb | HAProxy | nginx |")
+        print("|---|---|---|---|")
+        for label, per in cpu_per_100k.items():
+            cells = [fmt(med(per.get(t, []))) for t in ("l4lb", "haproxy", "nginx")]
+            print(f"| {label} | " + " | ".join(cells) + " |")
     if not ONLY or "syscalls" in ONLY:
         # What explains the connection and keep-alive rows: syscalls per proxied
         # connection (Connection: close) and per keep-alive request, for each proxy.

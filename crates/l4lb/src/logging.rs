@@ -1,20 +1,20 @@
 //! Logging that never stalls a worker: every event is formatted on the thread that emits
-//! it and handed to one writer thread through a bounded queue (`tracing-appender`'s
-//! non-blocking writer, lossy). A slow terminal or a full stderr pipe then costs log lines,
-//! never relaying; the lines dropped are counted and reported.
+//! it and handed to a writer thread through a bounded queue ([`crate::log_writer`], which
+//! batches and does not wake per line). A slow terminal or a full stderr pipe then costs
+//! log lines, never relaying; the lines dropped are counted and reported.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use crate::config::{AccessLog, AccessSink};
+use crate::log_writer::{DroppedLines, WriterGuard};
 
 /// Lines queued for the writer at most; beyond, new lines are dropped and counted.
 const QUEUED_LINES: usize = 16 * 1024;
@@ -25,8 +25,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Keeps the writer threads alive; dropping it flushes what is queued (waiting about a
 /// second at most).
 pub struct Logging {
-    _guards: Vec<WorkerGuard>,
-    dropped: Vec<ErrorCounter>,
+    _guards: Vec<WriterGuard>,
+    dropped: Vec<DroppedLines>,
     reopen: Arc<AtomicBool>,
 }
 
@@ -35,8 +35,8 @@ pub struct Logging {
 /// access log (one event per connection or UDP flow, target [`l4_core::ACCESS_LOG`]) where
 /// `access` says, whatever the log level.
 pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
-    let (stderr, stderr_guard) = non_blocking(std::io::stderr());
-    let mut dropped = vec![stderr.error_counter()];
+    let (stderr, stderr_dropped, stderr_guard) = non_blocking(std::io::stderr())?;
+    let mut dropped = vec![stderr_dropped];
     let mut guards = vec![stderr_guard];
     let reopen = Arc::new(AtomicBool::new(false));
     let ansi = std::io::stderr().is_terminal();
@@ -57,9 +57,9 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
         AccessSink::Stderr => Some(stderr),
         AccessSink::File(path) => {
             let file = ReopenableFile::open(path.clone(), Arc::clone(&reopen))?;
-            let (writer, guard) = non_blocking(file);
+            let (writer, lines_dropped, guard) = non_blocking(file)?;
             guards.push(guard);
-            dropped.push(writer.error_counter());
+            dropped.push(lines_dropped);
             Some(writer)
         }
     };
@@ -121,18 +121,14 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
 
 fn non_blocking<W: Write + Send + 'static>(
     writer: W,
-) -> (tracing_appender::non_blocking::NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("l4lb-log")
-        .finish(writer)
+) -> std::io::Result<(crate::log_writer::QueueWriter, DroppedLines, WriterGuard)> {
+    crate::log_writer::spawn(writer, QUEUED_LINES, "l4lb-log")
 }
 
 impl Logging {
     /// Counters of log lines dropped because a writer could not keep up (the log's and,
     /// with a file, the access log's).
-    pub fn dropped(&self) -> Vec<ErrorCounter> {
+    pub fn dropped(&self) -> Vec<DroppedLines> {
         self.dropped.clone()
     }
 
@@ -194,13 +190,13 @@ impl Write for ReopenableFile {
 }
 
 /// Reports, every [`REPORT_EVERY`], how many lines were dropped since the last report.
-pub async fn report_dropped(dropped: Vec<ErrorCounter>) {
+pub async fn report_dropped(dropped: Vec<DroppedLines>) {
     let mut reported = 0;
     let mut every = tokio::time::interval(REPORT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let now: usize = dropped.iter().map(ErrorCounter::dropped_lines).sum();
+        let now: usize = dropped.iter().map(DroppedLines::get).sum();
         if now > reported {
             tracing::warn!(
                 dropped = now - reported,

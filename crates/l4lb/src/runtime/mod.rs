@@ -17,7 +17,6 @@ use anyhow::{anyhow, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::config::Config;
 use control::{Control, Service};
@@ -28,7 +27,7 @@ use control::{Control, Service};
 pub fn run(
     path: PathBuf,
     config: Config,
-    dropped_logs: Vec<ErrorCounter>,
+    dropped_logs: Vec<crate::log_writer::DroppedLines>,
     reopen_access_log: Arc<AtomicBool>,
 ) -> Result<()> {
     match l4_core::sys::raise_nofile_limit() {
@@ -65,7 +64,7 @@ pub fn run(
 async fn control_loop(
     path: PathBuf,
     config: Config,
-    dropped_logs: Vec<ErrorCounter>,
+    dropped_logs: Vec<crate::log_writer::DroppedLines>,
     reopen_access_log: Arc<AtomicBool>,
     fatal: CancellationToken,
 ) -> Result<()> {
