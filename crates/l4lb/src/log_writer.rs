@@ -282,7 +282,10 @@ mod tests {
             line(&writer, &format!("line {round}"));
             let expected = format!("line {round}\n");
             while !String::from_utf8_lossy(&sink.0.lock().unwrap()).ends_with(&expected) {
-                assert!(std::time::Instant::now() < deadline, "line {round} never written");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "line {round} never written"
+                );
                 std::thread::yield_now();
             }
         }
