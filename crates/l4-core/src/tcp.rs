@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::admission::{AccessList, ConnectionLimit};
+use crate::admission::{AccessList, ConnectionLimit, ConnectionSlot};
 use crate::connect::connect;
 use crate::preread::{
     peek_server_name, postgres_backend_tls, postgres_start, read_proxy_header, PeekEnd, ServerName,
@@ -27,7 +27,7 @@ use crate::preread::{
 use crate::proxy_protocol::{self, ProxyProtocol, Transport};
 use crate::relay::{relay, RelayEnd, RelayOptions, RelayReport, Side};
 use crate::sni_routes::SniRoutes;
-use crate::source_limit::{now_second, ConcurrentPerSource, RatePerSource};
+use crate::source_limit::{now_second, ConcurrentPerSource, RatePerSource, SourceSlot};
 
 /// Where a connection can go: a pool, and the local addresses to leave from.
 #[derive(Debug)]
@@ -221,7 +221,7 @@ fn start(
     let Some(local) = local else { return };
     bump(&service.stats.accepted, 1);
     let span = info_span!("conn", listener = %service.name, client = %peer);
-    tracker.spawn(handle(Arc::clone(service), client, peer, local).instrument(span));
+    tracker.spawn(handle(Arc::clone(service), client, peer, local, span));
 }
 
 /// The local half of the flow key; see [`TcpService::bind`].
@@ -240,13 +240,62 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// One connection, in its span. The span is entered while the connection is set up and
+/// when it ends, not while it relays: entering one costs a registry lookup and the log
+/// filter's lock on every poll, and a keep-alive connection is polled once per request.
 async fn handle(
     service: Arc<TcpService>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    span: tracing::Span,
+) {
+    let started = Instant::now();
+    let Some(ready) = prepare(&service, client, peer, local, started)
+        .instrument(span.clone())
+        .await
+    else {
+        return;
+    };
+    let cut = ready.cut.clone();
+    let report = if ready.metric == Some(TimeMetric::FirstByte) {
+        let state = ready.ends.handle.state();
+        let hook = |elapsed: Duration| state.record_response_time(elapsed);
+        relay(ready.client, ready.backend, service.relay, Some(&hook), cut).await
+    } else {
+        relay(ready.client, ready.backend, service.relay, None, cut).await
+    };
+    span.in_scope(|| finish(&service, ready.ends, &report, started));
+}
+
+/// A connection ready to relay: both sockets and what its end needs.
+struct Ready<'a> {
+    client: TcpStream,
+    backend: TcpStream,
+    metric: Option<TimeMetric>,
+    cut: Option<CancellationToken>,
+    ends: Ending<'a>,
+}
+
+/// What the end of a connection reports and judges, held (with the admission slots)
+/// until then.
+struct Ending<'a> {
+    route: Route<'a>,
+    source: SocketAddr,
+    handle: BackendHandle,
+    empty_close_fails: bool,
+    _slots: (Option<SourceSlot>, ConnectionSlot),
+}
+
+/// Admits the connection, reads what routing needs, connects to a backend and sends what
+/// precedes the relay. `None` when the connection ended there (each way logged).
+async fn prepare(
+    service: &TcpService,
     mut client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-) {
-    let started = Instant::now();
+    started: Instant,
+) -> Option<Ready<'_>> {
     // The client as far as policy is concerned: the socket's peer, or the address a
     // trusted upstream's PROXY header names.
     let (source, reached) = match &service.accept_proxy {
@@ -257,7 +306,7 @@ async fn handle(
             if accept.from.allow.is_empty() || !accept.from.admits(peer.ip()) {
                 bump(&service.stats.rejected_untrusted, 1);
                 debug!("refused: peer is not in accept_proxy.from");
-                return;
+                return None;
             }
             let deadline = started + accept.timeout;
             match read_proxy_header(&mut client, deadline).await {
@@ -265,7 +314,7 @@ async fn handle(
                 Err(e) => {
                     bump(&service.stats.rejected_proxy_header, 1);
                     info!(error = %e, "closed: no valid PROXY header from a trusted peer");
-                    return;
+                    return None;
                 }
             }
         }
@@ -273,34 +322,34 @@ async fn handle(
     if !service.access.admits(source.ip()) {
         bump(&service.stats.rejected_denied, 1);
         debug!("rejected by access list");
-        return;
+        return None;
     }
     if let Some(rate) = &service.rate_per_source {
         if !rate.admit(source.ip(), now_second()) {
             bump(&service.stats.rejected_per_source_rate, 1);
             debug!("rejected: max_new_connections_per_second_per_source reached");
-            return;
+            return None;
         }
     }
-    let _source_slot = match &service.per_source {
+    let source_slot = match &service.per_source {
         Some(table) => match table.try_acquire(source.ip()) {
             Some(slot) => Some(slot),
             None => {
                 bump(&service.stats.rejected_per_source, 1);
                 debug!("rejected: max_connections_per_source reached");
-                return;
+                return None;
             }
         },
         None => None,
     };
-    let Some(_slot) = service.limit.try_acquire() else {
+    let Some(slot) = service.limit.try_acquire() else {
         bump(&service.stats.rejected_limit, 1);
         debug!("rejected: max_connections reached");
-        return;
+        return None;
     };
-    let Some(route) = choose_route(&service, &mut client).await else {
+    let Some(route) = choose_route(service, &mut client).await else {
         bump(&service.stats.rejected_preread, 1);
-        return;
+        return None;
     };
     // TCP_NODELAY is inherited from the listening socket (see listener::bind_tcp).
     let key = FlowKey {
@@ -309,18 +358,18 @@ async fn handle(
         protocol: Protocol::Tcp,
     };
     let target = route.target;
-    let (mut backend, handle) = match connect_backend(&service, target, &key).await {
+    let (mut backend, handle) = match connect_backend(service, target, &key).await {
         Ok(connected) => connected,
         Err(0) => {
             // The pool has no usable backend; health logged that once for the pool.
             bump(&service.stats.rejected_no_backend, 1);
             debug!(pool = %target.name, "no usable backend, closing client");
-            return;
+            return None;
         }
         Err(attempts) => {
             bump(&service.stats.rejected_no_backend, 1);
             info!(pool = %target.name, attempts, "no backend reachable, closing client");
-            return;
+            return None;
         }
     };
     let backend_addr = handle.addr();
@@ -340,7 +389,7 @@ async fn handle(
         let cut = handle.state().sessions().child_token();
         if handle.state().health() == Health::Down || handle.state().is_retired() {
             debug!(backend = %backend_addr, "backend went down while connecting; closing client");
-            return;
+            return None;
         }
         Some(cut)
     } else {
@@ -351,7 +400,7 @@ async fn handle(
             proxy_protocol::encode(service.proxy_protocol, Transport::Stream, source, reached);
         if let Err(e) = backend.write_all(&header).await {
             info!(backend = %backend_addr, error = %e, "could not send PROXY header");
-            return;
+            return None;
         }
     }
     if route.postgres_tls {
@@ -359,16 +408,35 @@ async fn handle(
         if let Err(e) = postgres_backend_tls(&mut backend, deadline).await {
             bump(&service.stats.rejected_preread, 1);
             info!(backend = %backend_addr, error = %e, "PostgreSQL backend refused TLS, closing client");
-            return;
+            return None;
         }
     }
-    let report = if metric == Some(TimeMetric::FirstByte) {
-        let state = handle.state();
-        let hook = |elapsed: Duration| state.record_response_time(elapsed);
-        relay(client, backend, service.relay, Some(&hook), cut).await
-    } else {
-        relay(client, backend, service.relay, None, cut).await
-    };
+    Some(Ready {
+        client,
+        backend,
+        metric,
+        cut,
+        ends: Ending {
+            route,
+            source,
+            handle,
+            empty_close_fails,
+            _slots: (source_slot, slot),
+        },
+    })
+}
+
+/// Judges the end for passive health, counts the bytes and writes the access log line.
+fn finish(service: &TcpService, ends: Ending<'_>, report: &RelayReport, started: Instant) {
+    let Ending {
+        route,
+        source,
+        handle,
+        empty_close_fails,
+        _slots,
+    } = ends;
+    let target = route.target;
+    let backend_addr = handle.addr();
     if empty_close_fails {
         let now = Instant::now().into_std();
         // Only a quick close counts: a backend that times out a client that never spoke
@@ -377,7 +445,7 @@ async fn handle(
         let quick = report
             .first_end
             .is_some_and(|after| after < service.connect_timeout);
-        if closed_before_any_byte(&report) && quick {
+        if closed_before_any_byte(report) && quick {
             target.pool.connect_failed(
                 handle.state(),
                 FailureReason::EmptyClose,
@@ -411,7 +479,7 @@ async fn handle(
         spliced_bytes = report.spliced_bytes,
         "connection closed"
     );
-    drop(handle);
+    drop((handle, _slots));
 }
 
 /// Whether the backend ended a connection on which no byte moved either way: it reset it,
