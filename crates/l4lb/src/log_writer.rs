@@ -24,9 +24,19 @@ const FLUSH_EVERY: Duration = Duration::from_millis(10);
 /// A batch is written once it reaches this size, even before the queue is empty.
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// Written lines' buffers kept for reuse, at most: a worker then takes a buffer the writer
+/// has emptied instead of allocating one that the writer's thread would free (a malloc
+/// and a cross-thread free per connection otherwise).
+const SPARE_BUFFERS: usize = 1024;
+
+/// Buffers larger than this (a long panic message) are freed, not kept.
+const SPARE_MAX_BYTES: usize = 4096;
+
 /// The queue and the writer's state, shared by the emitting threads and the writer.
 struct Shared {
     lines: ArrayQueue<Vec<u8>>,
+    /// Emptied buffers, for the next lines.
+    spare: ArrayQueue<Vec<u8>>,
     /// Lines refused because the queue was full.
     dropped: AtomicUsize,
     /// The writer is parked (or about to): the next line must wake it.
@@ -37,8 +47,12 @@ struct Shared {
 
 impl Shared {
     fn push(&self, line: &[u8]) {
-        if self.lines.push(line.to_vec()).is_err() {
+        let mut buffer = self.spare.pop().unwrap_or_default();
+        buffer.clear();
+        buffer.extend_from_slice(line);
+        if let Err(buffer) = self.lines.push(buffer) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            let _ = self.spare.push(buffer);
             return;
         }
         // Pairs with the fence in `Writer::sleep`: either the writer sees this line before
@@ -133,6 +147,7 @@ pub fn spawn<W: Write + Send + 'static>(
         })?;
     let shared = Arc::new(Shared {
         lines: ArrayQueue::new(capacity.max(1)),
+        spare: ArrayQueue::new(SPARE_BUFFERS),
         dropped: AtomicUsize::new(0),
         sleeping: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -179,6 +194,9 @@ impl<W: Write> Writer<W> {
         let mut wrote = false;
         while let Some(line) = self.shared.lines.pop() {
             self.batch.extend_from_slice(&line);
+            if line.capacity() <= SPARE_MAX_BYTES {
+                let _ = self.shared.spare.push(line);
+            }
             if self.batch.len() >= BATCH_BYTES {
                 self.write_batch();
             }
