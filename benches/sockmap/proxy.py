@@ -11,7 +11,8 @@ import struct
 import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
-SYS_BPF = 321  # x86_64
+# bpf(2)'s number: x86_64 and aarch64 only.
+SYS_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
 BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET = 2, 7
 SO_COOKIE = 57
 
@@ -55,13 +56,16 @@ async def handle(client):
     count += 1
     await loop.sock_connect(backend, ("127.0.0.1", BACKENDS[count % len(BACKENDS)]))
     c, b = cookie(client), cookie(backend)
-    update(LINKS, struct.pack("Q", c), struct.pack("QQ", b, 0))
-    update(LINKS, struct.pack("Q", b), struct.pack("QQ", c, 0))
     try:
-        update(SOCKETS, struct.pack("Q", c), struct.pack("Q", client.fileno()))
+        update(LINKS, struct.pack("Q", c), struct.pack("QQ", b, 0))
+        update(LINKS, struct.pack("Q", b), struct.pack("QQ", c, 0))
+        # The backend first: a client segment redirected to a backend not yet in the map
+        # would be dropped (the backend sends nothing before the client's request).
         update(SOCKETS, struct.pack("Q", b), struct.pack("Q", backend.fileno()))
+        update(SOCKETS, struct.pack("Q", c), struct.pack("Q", client.fileno()))
     except OSError:
-        # EOPNOTSUPP: a socket no longer established (the client already left).
+        # EOPNOTSUPP: a socket no longer established (the client already left); E2BIG:
+        # the maps are full (65,536 entries; the experiment runs far fewer).
         client.close()
         backend.close()
         return

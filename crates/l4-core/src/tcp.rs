@@ -257,15 +257,23 @@ async fn handle(
     else {
         return;
     };
-    let cut = ready.cut.clone();
-    let report = if ready.metric == Some(TimeMetric::FirstByte) {
-        let state = ready.ends.handle.state();
+    let Ready {
+        client,
+        backend,
+        metric,
+        cut,
+        ends,
+    } = ready;
+    // (The relay's one event, a debug line when no pipe is left for splice, is logged
+    // without the connection's span.)
+    let report = if metric == Some(TimeMetric::FirstByte) {
+        let state = ends.handle.state();
         let hook = |elapsed: Duration| state.record_response_time(elapsed);
-        relay(ready.client, ready.backend, service.relay, Some(&hook), cut).await
+        relay(client, backend, service.relay, Some(&hook), cut).await
     } else {
-        relay(ready.client, ready.backend, service.relay, None, cut).await
+        relay(client, backend, service.relay, None, cut).await
     };
-    span.in_scope(|| finish(&service, ready.ends, &report, started));
+    span.in_scope(|| finish(&service, ends, &report, started));
 }
 
 /// A connection ready to relay: both sockets and what its end needs.

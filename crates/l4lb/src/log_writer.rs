@@ -1,11 +1,11 @@
 //! The log's writer thread, batched: workers push formatted lines into a bounded lock-free
-//! queue and never wake the writer for a line; the writer drains the queue every
-//! [`FLUSH_EVERY`] while lines keep coming and writes each batch with one `write`.
+//! queue and, while lines keep coming, never wake the writer for one; the writer drains
+//! the queue every [`FLUSH_EVERY`] and writes each batch with one `write`.
 //!
 //! Why not `tracing-appender`'s non-blocking writer: its thread waits for every line on a
 //! channel, so at one access-log line per connection it was woken (futex) and spun
-//! (`sched_yield`, ~3 per connection) for each one: 5 of the 24 syscalls l4lb made per
-//! proxied connection, on the cores the workers need. Here an idle writer sleeps until
+//! (`sched_yield`, ~3 per connection) for each one, plus its `write`: about 4.4 of the 24
+//! syscalls l4lb made per proxied connection, on the cores the workers need. Here an idle writer sleeps until
 //! the first line after a quiet spell (one wake-up), and a busy one wakes on its own
 //! clock: a line waits [`FLUSH_EVERY`] at most, as nginx's `access_log ... flush=` does.
 
@@ -13,7 +13,7 @@ use std::io::Write;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{JoinHandle, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::queue::ArrayQueue;
 use tracing_subscriber::fmt::MakeWriter;
@@ -108,19 +108,48 @@ impl DroppedLines {
     }
 }
 
-/// Owns the writer thread: dropping it writes what is queued and ends the thread.
+/// How long dropping a [`WriterGuard`] waits for its thread to write what is queued.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Owns the writer thread: dropping it writes what is queued and ends the thread, waiting
+/// [`EXIT_WAIT`] at most (a writer stuck behind a full pipe must not keep the process
+/// from exiting; it is then left behind).
 pub struct WriterGuard {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Closed by the writer thread when it ends.
+    ended: std::sync::mpsc::Receiver<()>,
+}
+
+impl WriterGuard {
+    /// Tells the writer to write what is queued and end, without waiting for it.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.writer.unpark();
+    }
+
+    /// Stops the writer and waits for it until `deadline` at most.
+    pub fn finish(mut self, deadline: Instant) {
+        self.wait(deadline);
+    }
+
+    fn wait(&mut self, deadline: Instant) {
+        self.stop();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Disconnected when the thread has ended; a timeout leaves it behind.
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = self.ended.recv_timeout(left)
+        {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.writer.unpark();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.wait(Instant::now() + EXIT_WAIT);
     }
 }
 
@@ -133,9 +162,11 @@ pub fn spawn<W: Write + Send + 'static>(
     // The thread needs the shared state and the shared state names the thread: the
     // thread waits for its state on a channel before it starts.
     let (hand, handed) = std::sync::mpsc::sync_channel::<Arc<Shared>>(1);
+    let (end, ended) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
+            let _end = end;
             if let Ok(shared) = handed.recv() {
                 Writer {
                     shared,
@@ -162,6 +193,7 @@ pub fn spawn<W: Write + Send + 'static>(
         WriterGuard {
             shared,
             thread: Some(thread),
+            ended,
         },
     ))
 }
@@ -340,9 +372,12 @@ mod tests {
             line(&writer, &i.to_string());
         }
         let lost = dropped.get();
-        // Released before asserting: a failed assertion must not leave the writer stuck.
+        // A writer stuck in `write` is left behind after the wait, not waited for forever.
+        let started = Instant::now();
+        guard.finish(Instant::now() + Duration::from_millis(200));
+        let waited = started.elapsed();
         drop(release);
-        drop(guard);
         assert_eq!(lost, 96);
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     }
 }

@@ -23,9 +23,9 @@ const QUEUED_LINES: usize = 16 * 1024;
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// Keeps the writer threads alive; dropping it flushes what is queued (waiting about a
-/// second at most).
+/// second at most for each writer; [`Logging::finish`] waits a second for all).
 pub struct Logging {
-    _guards: Vec<WriterGuard>,
+    guards: Vec<WriterGuard>,
     dropped: Vec<DroppedLines>,
     reopen: Arc<AtomicBool>,
 }
@@ -113,7 +113,7 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
         );
     }));
     Ok(Logging {
-        _guards: guards,
+        guards,
         dropped,
         reopen,
     })
@@ -134,14 +134,15 @@ impl Logging {
 
     /// Flushes what is queued, waiting a second at most: a writer stuck behind a full
     /// pipe must not keep the process from exiting (after a second signal above all).
+    /// All writers are told first, so one stuck writer does not keep the others' lines
+    /// from being written.
     pub fn finish(self) {
-        let (done, flushed) = std::sync::mpsc::channel();
-        let flusher = std::thread::spawn(move || {
-            drop(self);
-            let _ = done.send(());
-        });
-        if flushed.recv_timeout(Duration::from_secs(1)).is_ok() {
-            let _ = flusher.join();
+        for guard in &self.guards {
+            guard.stop();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        for guard in self.guards {
+            guard.finish(deadline);
         }
     }
 
