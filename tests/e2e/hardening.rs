@@ -189,6 +189,50 @@ async fn a_full_log_pipe_does_not_slow_relaying() {
     );
 }
 
+/// A log writer stuck behind a full stderr pipe does not keep l4lb from exiting: on
+/// SIGTERM it drains (nothing is live), waits a second for the writers and leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_log_writer_does_not_keep_l4lb_from_exiting() {
+    let named = named_backend("n").await;
+    let mut lb = Balancer::start_with(
+        &config(&[named], "", "").replace("drain_timeout: 5s", "drain_timeout: 300ms"),
+        Launch {
+            stop_reading_logs: true,
+            ..Launch::default()
+        },
+    );
+    // 2,000 access lines of ~250 bytes: far more than a 64 KiB pipe holds, so the writer
+    // ends up blocked in `write` with lines still queued.
+    for _ in 0..2000 {
+        assert_eq!(fetch(lb.addr()).await.unwrap(), "n");
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while !log_writer_blocked_on_stderr(lb.pid()) {
+        assert!(
+            Instant::now() < deadline,
+            "the log writer never blocked on stderr"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    lb.terminate();
+    let status = lb
+        .process_exit_within(Duration::from_secs(10))
+        .expect("l4lb still running 10 s after SIGTERM with its log writer stuck");
+    assert!(status.success(), "{status:?}");
+}
+
+/// Whether l4lb's log writer thread sits in `write(2, ...)`: the kernel's record of the
+/// thread's current system call (number 1 on x86_64, first argument fd 2).
+fn log_writer_blocked_on_stderr(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        read("comm").trim() == "l4lb-log" && read("syscall").starts_with("1 0x2 ")
+    })
+}
+
 /// An echo that prefixes its name, on a fixed address (inside a namespace).
 async fn named_udp_echo(addr: SocketAddr, name: u8) {
     let socket = UdpSocket::bind(addr).await.unwrap();

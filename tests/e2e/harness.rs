@@ -229,6 +229,23 @@ impl Balancer {
         Some(self.child.wait().unwrap())
     }
 
+    /// Waits up to `limit` for the process to exit, watching the process itself (for a
+    /// balancer whose stderr is no longer read, so its end cannot be seen); `None` if it
+    /// is still running then.
+    pub fn process_exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // No exit notification without reading the pipe: look again shortly.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the process to exit, bounded by [`PATIENCE`]. The exit is seen as the end
     /// of its stderr, which the reader thread reports by dropping the channel.
     pub fn wait_exit(&mut self) -> ExitStatus {
