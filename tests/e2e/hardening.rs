@@ -217,6 +217,7 @@ async fn a_stuck_log_writer_does_not_keep_l4lb_from_exiting() {
     lb.terminate();
     let status = lb
         .process_exit_within(Duration::from_secs(10))
+        .await
         .expect("l4lb still running 10 s after SIGTERM with its log writer stuck");
     assert!(status.success(), "{status:?}");
 }

@@ -232,7 +232,7 @@ impl Balancer {
     /// Waits up to `limit` for the process to exit, watching the process itself (for a
     /// balancer whose stderr is no longer read, so its end cannot be seen); `None` if it
     /// is still running then.
-    pub fn process_exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+    pub async fn process_exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -242,7 +242,7 @@ impl Balancer {
                 return None;
             }
             // No exit notification without reading the pipe: look again shortly.
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
