@@ -1,6 +1,7 @@
 //! A TCP listener's service: accept, admit, pick a backend, connect (with retries), send
 //! the PROXY header, relay, and log one event when the connection ends.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -243,37 +244,42 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// One connection, in its span. The span is entered while the connection is set up and
 /// when it ends, not while it relays: entering one costs a registry lookup and the log
 /// filter's lock on every poll, and a keep-alive connection is polled once per request.
-async fn handle(
+///
+/// Not an `async fn`: an `async move` block uses what it captured in place, where an
+/// `async fn` would keep a moved copy of each argument beside it for the connection's life.
+fn handle(
     service: Arc<TcpService>,
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     span: tracing::Span,
-) {
+) -> impl Future<Output = ()> {
     let started = Instant::now();
-    let Some(ready) = prepare(&service, client, peer, local, started)
-        .instrument(span.clone())
-        .await
-    else {
-        return;
-    };
-    let Ready {
-        client,
-        backend,
-        metric,
-        cut,
-        ends,
-    } = ready;
-    // (The relay's one event, a debug line when no pipe is left for splice, is logged
-    // without the connection's span.)
-    let report = if metric == Some(TimeMetric::FirstByte) {
-        let state = ends.handle.state();
-        let hook = |elapsed: Duration| state.record_response_time(elapsed);
-        relay(client, backend, service.relay, Some(&hook), cut).await
-    } else {
-        relay(client, backend, service.relay, None, cut).await
-    };
-    span.in_scope(|| finish(&service, ends, &report, started));
+    async move {
+        // Boxed: set-up needs more state than relaying, and a connection spends its life
+        // relaying; inline, the set-up's size would be every idle connection's size.
+        let setup = prepare(&service, client, peer, local, started).instrument(span.clone());
+        let Some(Ready {
+            client,
+            backend,
+            metric,
+            cut,
+            ends,
+        }) = Box::pin(setup).await
+        else {
+            return;
+        };
+        // (The relay's one event, a debug line when no pipe is left for splice, is logged
+        // without the connection's span.)
+        let report = if metric == Some(TimeMetric::FirstByte) {
+            let state = ends.handle.state();
+            let hook = |elapsed: Duration| state.record_response_time(elapsed);
+            relay(client, backend, service.relay, Some(&hook), cut).await
+        } else {
+            relay(client, backend, service.relay, None, cut).await
+        };
+        span.in_scope(|| finish(&service, ends, &report, started));
+    }
 }
 
 /// A connection ready to relay: both sockets and what its end needs.
