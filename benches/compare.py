@@ -28,6 +28,10 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "2"))
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "7500"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+# Another l4lb binary (a build of an earlier commit) run beside this one in the same rounds:
+# this VM's numbers move 15-30% between runs, so a change is judged against its base within
+# one run, not against a table from an earlier run.
+BASELINE = os.environ.get("BENCH_BASELINE")
 
 HTTP_BACKENDS = [18081, 18082]
 IPERF = 15201
@@ -36,8 +40,9 @@ PORTS = {  # target -> (http port, iperf port)
     "l4lb": (18101, 15202),
     "haproxy": (18102, 15203),
     "nginx": (18103, 15204),
+    "base": (18104, 15205),
 }
-ADMIN = 19900  # l4lb's admin endpoint, scraped once a second as Prometheus would
+ADMIN = {"l4lb": 19900, "base": 19901}  # admin endpoints, scraped once a second as Prometheus would
 
 procs = []
 tmp = tempfile.mkdtemp(prefix="l4lb-bench-")
@@ -99,13 +104,13 @@ http {{ keepalive_requests 1000000; {servers} }}
         wait_port(p)
 
 
-def start_proxies():
-    http, iperf = PORTS["l4lb"]
+def start_l4lb(binary, target):
+    http, iperf = PORTS[target]
     backends = "\n".join(f"      - {{ address: 127.0.0.1:{p} }}" for p in HTTP_BACKENDS)
-    conf = write("l4lb.yaml", f"""
+    conf = write(f"{target}.yaml", f"""
 workers: {WORKERS}
 drain_timeout: 1s
-admin: 127.0.0.1:{ADMIN}
+admin: 127.0.0.1:{ADMIN[target]}
 listeners:
   - {{ name: http, bind: "127.0.0.1:{http}", pool: http, max_connections: 200000 }}
   - {{ name: iperf, bind: "127.0.0.1:{iperf}", pool: iperf }}
@@ -128,7 +133,12 @@ pools:
     # The log level a user gets by default (info: one line per connection), written to a
     # file as a journal would take it; the writer is off the workers.
     env = {k: v for k, v in os.environ.items() if k != "L4LB_LOG"}
-    l4 = start([L4LB, "--config", conf], env=env)
+    return start([binary, "--config", conf], env=env)
+
+
+def start_proxies():
+    l4 = start_l4lb(L4LB, "l4lb")
+    base = start_l4lb(BASELINE, "base") if BASELINE else None
 
     http, iperf = PORTS["haproxy"]
     servers = "\n".join(f"    server b{p} 127.0.0.1:{p}" for p in HTTP_BACKENDS)
@@ -176,27 +186,35 @@ stream {{
 }}
 """)
     ng = start(["nginx", "-g", "daemon off;", "-c", conf, "-p", tmp])
-    for t in ("l4lb", "haproxy", "nginx"):
+    pids = {"l4lb": [l4.pid], "haproxy": [ha.pid], "nginx": [ng.pid]}
+    if base:
+        pids["base"] = [base.pid]
+    for t in pids:
         for p in PORTS[t]:
             wait_port(p)
-    wait_port(ADMIN)
-    threading.Thread(target=scrape_metrics, daemon=True).start()
-    return {"l4lb": [l4.pid], "haproxy": [ha.pid], "nginx": [ng.pid]}
+    for t in ("l4lb", "base"):
+        if t in pids:
+            wait_port(ADMIN[t])
+            threading.Thread(target=scrape_metrics, args=(t,), daemon=True).start()
+    return pids
 
 
 scrapes = {"ok": 0, "failed": 0, "last": ""}
 
 
-def scrape_metrics():
-    """GET /metrics once a second for the whole benchmark: what a user's Prometheus does."""
+def scrape_metrics(target):
+    """GET /metrics once a second for the whole benchmark: what a user's Prometheus does.
+    Only this l4lb's scrapes are counted and reported; the baseline is scraped alike."""
     import urllib.request
     while True:
         try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics", timeout=2).read()
-            scrapes["last"] = body.decode("utf-8", "replace")
-            scrapes["ok"] += 1
+            body = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN[target]}/metrics", timeout=2).read()
+            if target == "l4lb":
+                scrapes["last"] = body.decode("utf-8", "replace")
+                scrapes["ok"] += 1
         except OSError:
-            scrapes["failed"] += 1
+            if target == "l4lb":
+                scrapes["failed"] += 1
         time.sleep(1)
 
 
@@ -377,7 +395,7 @@ def main():
     started = time.time()
     start_backends()
     pids = start_proxies()
-    targets = ["direct", "l4lb", "haproxy", "nginx"]
+    targets = ["direct", "l4lb"] + (["base"] if BASELINE else []) + ["haproxy", "nginx"]
     scenarios = [
         ("tcp 1 stream (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1])),
         ("tcp 4 streams (Gbit/s)", lambda t: tcp_gbps(PORTS[t][1], "-P", "4")),
@@ -428,7 +446,7 @@ def main():
                 results.setdefault(name, {}).setdefault(t, []).append(v)
         print(f"round {rnd + 1}/{ROUNDS} done ({time.time() - started:.0f}s)", file=sys.stderr)
     if not ONLY or "idle" in ONLY:
-        for t in ("l4lb", "haproxy", "nginx"):
+        for t in [t for t in targets if t != "direct"]:
             results.setdefault(f"idle memory per conn at {IDLE_CONNS} (KiB)", {})[t] = [idle_memory(PORTS[t][0], pids[t])]
 
     def med(xs):
@@ -457,6 +475,15 @@ def main():
         for label, per in cpu_per_100k.items():
             cells = [fmt(med(per.get(t, []))) for t in ("l4lb", "haproxy", "nginx")]
             print(f"| {label} | " + " | ".join(cells) + " |")
+    if BASELINE:
+        print(f"\n| against the baseline ({BASELINE}) | base | l4lb | l4lb/base |")
+        print("|---|---|---|---|")
+        for name, per in results.items():
+            b, l = med(per.get("base", [])), med(per.get("l4lb", []))
+            print(f"| {name} | {fmt(b)} | {fmt(l)} | {ratio(l, b)} |")
+        for label, per in cpu_per_100k.items():
+            b, l = med(per.get("base", [])), med(per.get("l4lb", []))
+            print(f"| CPU s {label} | {fmt(b)} | {fmt(l)} | {ratio(l, b)} |")
     if not ONLY or "syscalls" in ONLY:
         # What explains the connection and keep-alive rows: syscalls per proxied
         # connection (Connection: close) and per keep-alive request, for each proxy.

@@ -4,7 +4,8 @@
 # Installs iperf3, wrk, haproxy and nginx (with its stream module) if missing, builds l4lb
 # in release mode, and stops everything it started. About 4 minutes on 2 cores.
 # Knobs: BENCH_ROUNDS (3), BENCH_SECONDS (2), BENCH_WORKERS (2), BENCH_IDLE_CONNS (7500: HAProxy sizes its descriptors for maxconn plus splice pipes, and the hard limit here is 20000),
-# BENCH_ONLY=udp,idle,... (substring of scenario names).
+# BENCH_ONLY=udp,idle,... (substring of scenario names), BENCH_BASELINE=path/to/another/l4lb (runs it beside
+# this build in the same rounds and adds an l4lb/base table: how a change is judged on a noisy machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
