@@ -653,6 +653,8 @@ struct Relay {
     down: Pump,
     up_done: bool,
     down_done: bool,
+    /// Polled the backend's direction first last time.
+    backend_first: bool,
     /// Which direction ended first with a FIN: a backend that closes before anything moved
     /// is an accept-then-die backend (passive detection).
     first_fin: Option<Side>,
@@ -688,42 +690,19 @@ impl Relay {
                 return Poll::Ready((RelayEnd::BackendDown, None));
             }
         }
-        if !self.up_done {
-            let mut ends = Ends {
-                from: &self.client,
-                to: &self.backend,
-                progress: &mut self.progress,
-                on_first_byte: None,
-                max_pipes: self.options.max_pipes,
-            };
-            match self.up.poll_run(cx, &mut ends) {
-                Poll::Ready(Ok(())) => {
-                    self.up_done = true;
-                    self.ended_with_fin(Side::Client);
-                }
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready((RelayEnd::Reset(e.side), Some(e.error)))
-                }
-                Poll::Pending => {}
-            }
-        }
-        if !self.down_done {
-            let mut ends = Ends {
-                from: &self.backend,
-                to: &self.client,
-                progress: &mut self.progress,
-                on_first_byte,
-                max_pipes: self.options.max_pipes,
-            };
-            match self.down.poll_run(cx, &mut ends) {
-                Poll::Ready(Ok(())) => {
-                    self.down_done = true;
-                    self.ended_with_fin(Side::Backend);
-                }
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready((RelayEnd::Reset(e.side), Some(e.error)))
-                }
-                Poll::Pending => {}
+        // Which direction goes first alternates. Each moves bytes until it must wait or the
+        // task's cooperative budget runs out, so one always polled first could take the
+        // whole budget on every poll and starve the other (select! randomises its branches
+        // for the same reason).
+        self.backend_first = !self.backend_first;
+        let order = if self.backend_first {
+            [Side::Backend, Side::Client]
+        } else {
+            [Side::Client, Side::Backend]
+        };
+        for from in order {
+            if let Some(end) = self.poll_direction(cx, from, on_first_byte) {
+                return Poll::Ready(end);
             }
         }
         if self.up_done && self.down_done {
@@ -742,9 +721,50 @@ impl Relay {
         }
     }
 
-    fn ended_with_fin(&mut self, side: Side) {
-        self.first_fin = self.first_fin.or(Some(side));
-        self.first_end = self.first_end.or(Some(self.progress.start.elapsed()));
+    /// Polls the direction that reads from `from`, unless it has ended; `Some` when the
+    /// connection ends with it (a failure).
+    fn poll_direction(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: Side,
+        on_first_byte: FirstByteHook<'_>,
+    ) -> Option<(RelayEnd, Option<io::Error>)> {
+        let (pump, done, from_socket, to_socket, on_first_byte) = match from {
+            Side::Client => (
+                &mut self.up,
+                &mut self.up_done,
+                &self.client,
+                &self.backend,
+                None,
+            ),
+            Side::Backend => (
+                &mut self.down,
+                &mut self.down_done,
+                &self.backend,
+                &self.client,
+                on_first_byte,
+            ),
+        };
+        if *done {
+            return None;
+        }
+        let mut ends = Ends {
+            from: from_socket,
+            to: to_socket,
+            progress: &mut self.progress,
+            on_first_byte,
+            max_pipes: self.options.max_pipes,
+        };
+        match pump.poll_run(cx, &mut ends) {
+            Poll::Ready(Ok(())) => {
+                *done = true;
+                self.first_fin = self.first_fin.or(Some(from));
+                self.first_end = self.first_end.or(Some(self.progress.start.elapsed()));
+                None
+            }
+            Poll::Ready(Err(e)) => Some((RelayEnd::Reset(e.side), Some(e.error))),
+            Poll::Pending => None,
+        }
     }
 
     /// Passes the end on to the peers and reports.
@@ -804,6 +824,7 @@ pub fn relay<'a>(
         down: Pump::new(Side::Backend, options.mode),
         up_done: false,
         down_done: false,
+        backend_first: false,
         first_fin: None,
         first_end: None,
         cut: cut.map(|token| Box::pin(token.cancelled_owned())),
