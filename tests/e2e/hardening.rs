@@ -365,11 +365,9 @@ async fn out_of_descriptors_the_new_flow_is_served_on_its_first_datagram() {
         assert_eq!(&buf[..n], &msg);
         clients.push(s);
     }
-    assert!(
-        !lb.logs_matching(|l| field(l, "end").as_deref() == Some("evicted"))
-            .is_empty(),
-        "the descriptor limit was reached"
-    );
+    // The descriptor limit was reached: a flow was evicted for the new one (its end event
+    // is waited for, and the test fails without it; the log writer batches lines).
+    lb.wait_for_log(|l| l.contains("flow closed") && field(l, "end").as_deref() == Some("evicted"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
