@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::task::coop;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -544,6 +545,11 @@ impl Pump {
             }
             ends.progress.spliced += h.filled as u64;
             h.filled = 0;
+            // Fills that keep succeeding never wait on readiness, so they pay the task's
+            // cooperative budget here: a bulk direction yields now and then instead of
+            // splicing until the sender pauses while the other direction and the
+            // worker's other connections wait.
+            let budget = ready!(coop::poll_proceed(cx));
             let filled = ends.from.try_io(Interest::READABLE, || {
                 h.pipe.fill_from(ends.from.as_fd(), h.pipe.capacity())
             });
@@ -551,6 +557,7 @@ impl Pump {
                 // No mark_drained on a short fill: a splice can come back short because
                 // the pipe ran out of page slots while the socket still holds data.
                 Ok(n) if n > 0 => {
+                    budget.made_progress();
                     h.left = n;
                     h.filled = n;
                     ends.progress.read(n);
@@ -694,12 +701,15 @@ impl Relay {
         // task's cooperative budget runs out, so one always polled first could take the
         // whole budget on every poll and starve the other (select! randomises its branches
         // for the same reason).
-        self.backend_first = !self.backend_first;
+        // The first poll takes the client first: when both sides had already closed a
+        // silent connection, the client is taken to have left first, and the backend is not
+        // blamed for an empty close it may not have caused.
         let order = if self.backend_first {
             [Side::Backend, Side::Client]
         } else {
             [Side::Client, Side::Backend]
         };
+        self.backend_first = !self.backend_first;
         for from in order {
             if let Some(end) = self.poll_direction(cx, from, on_first_byte) {
                 return Poll::Ready(end);
