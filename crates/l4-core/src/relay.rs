@@ -256,11 +256,42 @@ enum CopyEnd {
 /// task's waker in the socket's own reader and writer slots instead, so an idle direction
 /// is a few words.
 struct Pump {
+    way: Way,
+    stage: Stage,
+}
+
+/// Which way a direction runs, and what it reports once.
+struct Way {
     /// The side this direction reads from.
     from_side: Side,
-    stage: Stage,
     /// No byte read yet (the first one is reported to the time-to-first-byte hook).
     first: bool,
+}
+
+impl Way {
+    fn fail_from(&self, error: io::Error) -> PumpError {
+        PumpError {
+            side: self.from_side,
+            error,
+        }
+    }
+
+    fn fail_to(&self, error: io::Error) -> PumpError {
+        PumpError {
+            side: self.from_side.other(),
+            error,
+        }
+    }
+
+    /// The first time, reports the time to first byte.
+    fn first_byte(&mut self, ends: &Ends<'_>) {
+        if self.first {
+            self.first = false;
+            if let Some(hook) = ends.on_first_byte {
+                hook(ends.progress.start.elapsed());
+            }
+        }
+    }
 }
 
 enum Stage {
@@ -315,33 +346,11 @@ impl Pump {
             RelayMode::Copy => Stage::Copy(CopyState::new(false)),
         };
         Pump {
-            from_side,
+            way: Way {
+                from_side,
+                first: true,
+            },
             stage,
-            first: true,
-        }
-    }
-
-    fn fail_from(&self, error: io::Error) -> PumpError {
-        PumpError {
-            side: self.from_side,
-            error,
-        }
-    }
-
-    fn fail_to(&self, error: io::Error) -> PumpError {
-        PumpError {
-            side: self.from_side.other(),
-            error,
-        }
-    }
-
-    /// The first time, reports the time to first byte.
-    fn first_byte(&mut self, ends: &Ends<'_>) {
-        if self.first {
-            self.first = false;
-            if let Some(hook) = ends.on_first_byte {
-                hook(ends.progress.start.elapsed());
-            }
         }
     }
 
@@ -353,12 +362,12 @@ impl Pump {
     ) -> Poll<Result<(), PumpError>> {
         loop {
             match &mut self.stage {
-                Stage::Copy(_) => match ready!(self.poll_copy(cx, ends)) {
+                Stage::Copy(state) => match ready!(state.poll(cx, &mut self.way, ends)) {
                     Ok(CopyEnd::Eof) => return Poll::Ready(Ok(())),
                     Ok(CopyEnd::Bulk) => self.stage = Stage::Splice(None),
                     Err(e) => return Poll::Ready(Err(e)),
                 },
-                Stage::Splice(_) => match ready!(self.poll_splice(cx, ends)) {
+                Stage::Splice(held) => match ready!(poll_splice(held, cx, &mut self.way, ends)) {
                     Ok(result) => return Poll::Ready(result),
                     // Splice has left nothing in a pipe: copying takes over where it stopped.
                     Err(SpliceUnavailable) => self.stage = Stage::Copy(CopyState::new(false)),
@@ -366,97 +375,77 @@ impl Pump {
             }
         }
     }
+}
 
-    fn copy_state(&mut self) -> Option<&mut CopyState> {
-        match &mut self.stage {
-            Stage::Copy(state) => Some(state),
-            Stage::Splice(_) => None,
-        }
-    }
-
+impl CopyState {
     /// Reads into the worker's scratch buffer and writes straight out. Returns `Bulk` once
     /// `BULK_READS` reads in a row filled the buffer (when promoting).
-    fn poll_copy(
+    fn poll(
         &mut self,
         cx: &mut Context<'_>,
+        way: &mut Way,
         ends: &mut Ends<'_>,
     ) -> Poll<Result<CopyEnd, PumpError>> {
         loop {
             // What the peer could not take is written before anything more is read.
-            loop {
-                let Some(state) = self.copy_state() else {
-                    return Poll::Ready(Ok(CopyEnd::Bulk));
-                };
-                if state.written >= state.leftover.len() {
-                    break;
-                }
-                match ends.to.try_write(&state.leftover[state.written..]) {
+            while self.written < self.leftover.len() {
+                match ends.to.try_write(&self.leftover[self.written..]) {
                     Ok(0) => {
                         let e = io::Error::from(io::ErrorKind::WriteZero);
-                        return Poll::Ready(Err(self.fail_to(e)));
+                        return Poll::Ready(Err(way.fail_to(e)));
                     }
                     Ok(m) => {
-                        state.written += m;
-                        ends.progress.wrote(self.from_side, m);
+                        self.written += m;
+                        ends.progress.wrote(way.from_side, m);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         if let Err(e) = ready!(ends.to.poll_write_ready(cx)) {
-                            return Poll::Ready(Err(self.fail_to(e)));
+                            return Poll::Ready(Err(way.fail_to(e)));
                         }
                     }
-                    Err(e) => return Poll::Ready(Err(self.fail_to(e))),
+                    Err(e) => return Poll::Ready(Err(way.fail_to(e))),
                 }
             }
-            let Some(state) = self.copy_state() else {
-                return Poll::Ready(Ok(CopyEnd::Bulk));
-            };
-            if !state.leftover.is_empty() {
+            if !self.leftover.is_empty() {
                 // Released, not kept: an idle connection holds no buffer.
-                state.leftover = Vec::new();
-                state.written = 0;
+                self.leftover = Vec::new();
+                self.written = 0;
             }
-            if state.promote && state.full_reads >= BULK_READS {
+            if self.promote && self.full_reads >= BULK_READS {
                 return Poll::Ready(Ok(CopyEnd::Bulk));
             }
             if let Err(e) = ready!(ends.from.poll_read_ready(cx)) {
-                return Poll::Ready(Err(self.fail_from(e)));
+                return Poll::Ready(Err(way.fail_from(e)));
             }
-            match self.copy_once(ends)? {
+            match self.copy_once(way, ends)? {
                 CopyStep::Eof => {
                     finish(ends);
                     return Poll::Ready(Ok(CopyEnd::Eof));
                 }
                 CopyStep::Again => {}
-                CopyStep::Moved(n) => {
-                    if let Some(state) = self.copy_state() {
-                        state.full_reads = if n == COPY_BUFFER {
-                            state.full_reads + 1
-                        } else {
-                            0
-                        };
-                    }
-                }
+                CopyStep::Moved(n) if n == COPY_BUFFER => self.full_reads += 1,
+                CopyStep::Moved(_) => self.full_reads = 0,
             }
         }
     }
 
     /// One read into the scratch buffer and as much of it written as the peer takes; the
     /// rest becomes the leftover.
-    fn copy_once(&mut self, ends: &mut Ends<'_>) -> Result<CopyStep, PumpError> {
+    fn copy_once(&mut self, way: &mut Way, ends: &mut Ends<'_>) -> Result<CopyStep, PumpError> {
         SCRATCH.with(|scratch| {
             let mut buf = scratch.borrow_mut();
             let n = match ends.from.try_read(&mut buf) {
                 Ok(0) => return Ok(CopyStep::Eof),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(CopyStep::Again),
-                Err(e) => return Err(self.fail_from(e)),
+                Err(e) => return Err(way.fail_from(e)),
             };
             if n < buf.len() {
                 // A short read drained the socket: forget the readiness now instead of
                 // paying a read that returns EAGAIN to learn it.
                 mark_drained(ends.from, Interest::READABLE);
             }
-            self.first_byte(ends);
+            way.first_byte(ends);
             let mut written = 0;
             let mut failed = None;
             while written < n {
@@ -475,120 +464,109 @@ impl Pump {
             }
             // One count and one clock read for what went straight through; only what the
             // peer could not take yet is in flight.
-            ends.progress.passed(self.from_side, written);
+            ends.progress.passed(way.from_side, written);
             ends.progress.in_flight += (n - written) as u64;
             if let Some(e) = failed {
-                return Err(self.fail_to(e));
+                return Err(way.fail_to(e));
             }
-            if let Some(state) = self.copy_state() {
-                state.leftover.extend_from_slice(&buf[written..n]);
-            }
+            self.leftover.extend_from_slice(&buf[written..n]);
             Ok(CopyStep::Moved(n))
         })
     }
+}
 
-    /// Socket -> pipe -> socket. `Err(SpliceUnavailable)` when this direction cannot
-    /// splice; no byte is left in a pipe then.
-    fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        ends: &mut Ends<'_>,
-    ) -> Poll<Result<Result<(), PumpError>, SpliceUnavailable>> {
-        loop {
-            let from_side = self.from_side;
-            let Stage::Splice(held) = &mut self.stage else {
-                return Poll::Ready(Err(SpliceUnavailable));
-            };
-            let Some(h) = held else {
-                // Idle: wait for data without holding a pipe.
-                if let Err(e) = ready!(ends.from.poll_read_ready(cx)) {
-                    return Poll::Ready(Ok(Err(self.fail_from(e))));
+/// Socket -> pipe -> socket, holding a pipe (`held`) only while it has bytes to move.
+/// `Err(SpliceUnavailable)` when this direction cannot splice; no byte is left in a pipe
+/// then.
+fn poll_splice(
+    held: &mut Option<HeldPipe>,
+    cx: &mut Context<'_>,
+    way: &mut Way,
+    ends: &mut Ends<'_>,
+) -> Poll<Result<Result<(), PumpError>, SpliceUnavailable>> {
+    loop {
+        let Some(h) = held else {
+            // Idle: wait for data without holding a pipe.
+            if let Err(e) = ready!(ends.from.poll_read_ready(cx)) {
+                return Poll::Ready(Ok(Err(way.fail_from(e))));
+            }
+            // No pipe to be had (the cap, a shrunk pipe, out of descriptors): copy instead;
+            // nothing is in flight.
+            match pipe_pool::take(ends.max_pipes) {
+                Ok(pipe) => {
+                    *held = Some(HeldPipe {
+                        pipe,
+                        left: 0,
+                        filled: 0,
+                    })
                 }
-                // No pipe to be had (the cap, a shrunk pipe, out of descriptors): copy
-                // instead; nothing is in flight.
-                match pipe_pool::take(ends.max_pipes) {
-                    Ok(pipe) => {
-                        *held = Some(HeldPipe {
-                            pipe,
-                            left: 0,
-                            filled: 0,
-                        })
-                    }
-                    Err(e) => {
-                        tracing::debug!(reason = %e, "no pipe: copying");
-                        return Poll::Ready(Err(SpliceUnavailable));
-                    }
-                }
-                continue;
-            };
-            while h.left > 0 {
-                let drained = ends.to.try_io(Interest::WRITABLE, || {
-                    h.pipe.drain_to(ends.to.as_fd(), h.left)
-                });
-                match drained {
-                    Ok(0) => {
-                        // The pipe holds bytes, so 0 can only mean the peer is gone.
-                        let e = io::Error::from(io::ErrorKind::WriteZero);
-                        return Poll::Ready(Ok(Err(self.drop_pipe_fail_to(e))));
-                    }
-                    Ok(m) => {
-                        h.left -= m;
-                        ends.progress.wrote(from_side, m);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = ready!(ends.to.poll_write_ready(cx)) {
-                            return Poll::Ready(Ok(Err(self.drop_pipe_fail_to(e))));
-                        }
-                    }
-                    Err(e) => return Poll::Ready(Ok(Err(self.drop_pipe_fail_to(e)))),
+                Err(e) => {
+                    tracing::debug!(reason = %e, "no pipe: copying");
+                    return Poll::Ready(Err(SpliceUnavailable));
                 }
             }
-            ends.progress.spliced += h.filled as u64;
-            h.filled = 0;
-            // Fills that keep succeeding never wait on readiness, so they pay the task's
-            // cooperative budget here: a bulk direction yields now and then instead of
-            // splicing until the sender pauses while the other direction and the
-            // worker's other connections wait.
-            let budget = ready!(coop::poll_proceed(cx));
-            let filled = ends.from.try_io(Interest::READABLE, || {
-                h.pipe.fill_from(ends.from.as_fd(), h.pipe.capacity())
+            continue;
+        };
+        while h.left > 0 {
+            let drained = ends.to.try_io(Interest::WRITABLE, || {
+                h.pipe.drain_to(ends.to.as_fd(), h.left)
             });
-            match filled {
-                // No mark_drained on a short fill: a splice can come back short because
-                // the pipe ran out of page slots while the socket still holds data.
-                Ok(n) if n > 0 => {
-                    budget.made_progress();
-                    h.left = n;
-                    h.filled = n;
-                    ends.progress.read(n);
-                    self.first_byte(ends);
+            let failed = match drained {
+                Ok(0) => {
+                    // The pipe holds bytes, so 0 can only mean the peer is gone.
+                    io::Error::from(io::ErrorKind::WriteZero)
+                }
+                Ok(m) => {
+                    h.left -= m;
+                    ends.progress.wrote(way.from_side, m);
                     continue;
                 }
-                _ => {}
-            }
-            // The pipe is empty in every case below: back to the pool.
-            if let Some(h) = held.take() {
-                pipe_pool::give_back(h.pipe);
-            }
-            match filled {
-                Ok(_) => {
-                    finish(ends);
-                    return Poll::Ready(Ok(Ok(())));
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match ready!(ends.to.poll_write_ready(cx)) {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // Nothing is lost by copying from here on.
-                Err(e) if splice_unsupported(&e) => return Poll::Ready(Err(SpliceUnavailable)),
-                Err(e) => return Poll::Ready(Ok(Err(self.fail_from(e)))),
-            }
-        }
-    }
-
-    /// A write failed while a pipe holds bytes: the pipe is closed, not pooled.
-    fn drop_pipe_fail_to(&mut self, error: io::Error) -> PumpError {
-        if let Stage::Splice(held) = &mut self.stage {
+                Err(e) => e,
+            };
+            // The pipe still holds bytes: it is closed, not pooled.
             *held = None;
+            return Poll::Ready(Ok(Err(way.fail_to(failed))));
         }
-        self.fail_to(error)
+        ends.progress.spliced += h.filled as u64;
+        h.filled = 0;
+        // Fills that keep succeeding never wait on readiness, so they pay the task's
+        // cooperative budget here: a bulk direction yields now and then instead of
+        // splicing until the sender pauses while the other direction and the worker's
+        // other connections wait.
+        let budget = ready!(coop::poll_proceed(cx));
+        let filled = ends.from.try_io(Interest::READABLE, || {
+            h.pipe.fill_from(ends.from.as_fd(), h.pipe.capacity())
+        });
+        // No mark_drained on a short fill: a splice can come back short because the pipe
+        // ran out of page slots while the socket still holds data.
+        if let Ok(n @ 1..) = filled {
+            budget.made_progress();
+            h.left = n;
+            h.filled = n;
+            ends.progress.read(n);
+            way.first_byte(ends);
+            continue;
+        }
+        // The pipe is empty in every case below: back to the pool.
+        if let Some(h) = held.take() {
+            pipe_pool::give_back(h.pipe);
+        }
+        match filled {
+            Ok(_) => {
+                finish(ends);
+                return Poll::Ready(Ok(Ok(())));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Nothing is lost by copying from here on.
+            Err(e) if splice_unsupported(&e) => return Poll::Ready(Err(SpliceUnavailable)),
+            Err(e) => return Poll::Ready(Ok(Err(way.fail_from(e)))),
+        }
     }
 }
 
