@@ -26,10 +26,10 @@ command -v bird >/dev/null || need+=(bird2)
 # deploy/l4lb.service is checked with systemd-analyze verify.
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # promtool checks /metrics; prlimit (util-linux) and ip (iproute2) run l4lb under a
-# descriptor limit and in network namespaces.
+# descriptor limit and in network namespaces; ss (iproute2) counts a socket's segments.
 command -v promtool >/dev/null || need+=(prometheus)
 command -v prlimit >/dev/null || need+=(util-linux)
-command -v ip >/dev/null || need+=(iproute2)
+{ command -v ip && command -v ss; } >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -180,6 +180,90 @@ async fn backend_half_close_reaches_client_while_client_keeps_sending() {
     assert_eq!(rx.recv().await.unwrap(), b"still talking after your FIN");
 }
 
+/// Sends `bytes` and the FIN in one segment, as a peer that writes its last bytes and
+/// closes at once often does (`MSG_MORE` holds the bytes until the shutdown pushes both).
+fn send_last(s: &TcpStream, bytes: &[u8]) {
+    let sock = socket2::SockRef::from(s);
+    let sent = sock.send_with_flags(bytes, nix::libc::MSG_MORE).unwrap();
+    assert_eq!(sent, bytes.len());
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+}
+
+/// Segments the socket from `local` to `peer` has received (`ss`, from TCP_INFO).
+fn segs_in(local: SocketAddr, peer: SocketAddr) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-Htin", "src", &local.to_string(), "dst", &peer.to_string()])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let found = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("segs_in:"))
+        .unwrap_or_else(|| panic!("no segs_in for {local} -> {peer} in: {text}"));
+    found.parse().unwrap()
+}
+
+/// A peer's last bytes and its FIN leave l4lb in one segment, as they came (HAProxy does
+/// the same): the receiver gets the end with the data, in one wake-up, with one ACK. Each
+/// direction is checked against the same exchange without l4lb in between; the receiving
+/// socket is measured while it still has its own FIN to send (a closed one has no TCP_INFO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_bytes_and_fin_leave_in_one_segment() {
+    // Upward: the backend reads the client's request and FIN, and reports what it received.
+    let (tx, mut received_up) = tokio::sync::mpsc::channel::<u64>(2);
+    let up = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut request = Vec::new();
+            s.read_to_end(&mut request).await.unwrap();
+            assert_eq!(request, b"last request");
+            let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+            tx.send(segs_in(local, peer)).await.unwrap();
+        }
+    })
+    .await;
+    let send_up = |to: SocketAddr| async move {
+        let mut c = TcpStream::connect(to).await.unwrap();
+        send_last(&c, b"last request");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    };
+    // Downward: the backend sends its last bytes and FIN at once; the client reports.
+    let down = backend(|mut s| async move {
+        send_last(&s, b"last response");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+    })
+    .await;
+    let receive_down = |from: SocketAddr| async move {
+        let mut c = TcpStream::connect(from).await.unwrap();
+        let (local, peer) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+        let mut response = Vec::new();
+        c.read_to_end(&mut response).await.unwrap();
+        assert_eq!(response, b"last response");
+        segs_in(local, peer)
+    };
+
+    send_up(up).await;
+    let direct_up = received_up.recv().await.unwrap();
+    let direct_down = receive_down(down).await;
+    let lb_up = Balancer::start(&config(&[up], "", ""));
+    let lb_down = Balancer::start(&config(&[down], "", ""));
+    send_up(lb_up.addr()).await;
+    let proxied_up = received_up.recv().await.unwrap();
+    let proxied_down = receive_down(lb_down.addr()).await;
+    assert_eq!(
+        (proxied_up, proxied_down),
+        (direct_up, direct_down),
+        "segments received by (the backend, the client) through l4lb vs direct"
+    );
+    for lb in [&lb_up, &lb_down] {
+        let line = lb.wait_for_log(|l| l.contains("connection closed"));
+        assert_eq!(field(&line, "end").as_deref(), Some("closed"), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_speaks_first() {
     let b = backend(|mut s| async move {

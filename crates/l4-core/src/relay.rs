@@ -239,6 +239,9 @@ enum CopyStep {
     Again,
     /// Read this many bytes (all written, or the rest kept as leftover).
     Moved(usize),
+    /// Read the last bytes before the end of stream and wrote them all: the end is to be
+    /// passed on now.
+    MovedLast,
 }
 
 /// Why the copy loop stopped without an error.
@@ -418,7 +421,7 @@ impl CopyState {
                 return Poll::Ready(Err(way.fail_from(e)));
             }
             match self.copy_once(way, ends)? {
-                CopyStep::Eof => {
+                CopyStep::Eof | CopyStep::MovedLast => {
                     finish(ends);
                     return Poll::Ready(Ok(CopyEnd::Eof));
                 }
@@ -431,25 +434,51 @@ impl CopyState {
 
     /// One read into the scratch buffer and as much of it written as the peer takes; the
     /// rest becomes the leftover.
+    ///
+    /// When the reactor has already seen the sender's FIN, the end of stream is read before
+    /// the bytes are written, and they go out with `MSG_MORE`: the shutdown (or close) that
+    /// follows at once then carries the FIN in the same segment as the last bytes, as
+    /// HAProxy's does. The receiver gets data and end in one segment and one wake-up, and
+    /// an ACK and a segment are saved on each side of l4lb. Only a confirmed end of stream
+    /// is corked this way: what `MSG_MORE` holds back is pushed by the shutdown or the
+    /// close that always follows, never left waiting.
     fn copy_once(&mut self, way: &mut Way, ends: &mut Ends<'_>) -> Result<CopyStep, PumpError> {
         SCRATCH.with(|scratch| {
             let mut buf = scratch.borrow_mut();
-            let n = match ends.from.try_read(&mut buf) {
+            let mut n = match ends.from.try_read(&mut buf) {
                 Ok(0) => return Ok(CopyStep::Eof),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(CopyStep::Again),
                 Err(e) => return Err(way.fail_from(e)),
             };
+            let mut ended = false;
+            let mut read_failed = None;
             if n < buf.len() {
                 // A short read drained the socket: forget the readiness now instead of
                 // paying a read that returns EAGAIN to learn it.
                 mark_drained(ends.from, Interest::READABLE);
+                // What readiness is left is the reactor's record of a FIN or an error
+                // (final states, never cleared): then the read that would follow the write
+                // is made now. Without it, `try_read` answers WouldBlock with no syscall.
+                match ends.from.try_read(&mut buf[n..]) {
+                    Ok(0) => ended = true,
+                    Ok(more) => n += more,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Passed on after the bytes read before it, as it would have been.
+                    Err(e) => read_failed = Some(e),
+                }
             }
             way.first_byte(ends);
             let mut written = 0;
             let mut failed = None;
             while written < n {
-                match ends.to.try_write(&buf[written..n]) {
+                let rest = &buf[written..n];
+                let sent = if ended {
+                    send_before_end(ends.to, rest)
+                } else {
+                    ends.to.try_write(rest)
+                };
+                match sent {
                     Ok(0) => {
                         failed = Some(io::Error::from(io::ErrorKind::WriteZero));
                         break;
@@ -469,10 +498,26 @@ impl CopyState {
             if let Some(e) = failed {
                 return Err(way.fail_to(e));
             }
+            if let Some(e) = read_failed {
+                return Err(way.fail_from(e));
+            }
             self.leftover.extend_from_slice(&buf[written..n]);
+            if ended && written == n {
+                return Ok(CopyStep::MovedLast);
+            }
+            // With a leftover, the end is read again (a read after a FIN returns 0 again)
+            // once the leftover is written.
             Ok(CopyStep::Moved(n))
         })
     }
+}
+
+/// Writes the last bytes before a FIN, held back (`MSG_MORE`) so that the shutdown or close
+/// which follows sends them and the FIN together.
+fn send_before_end(to: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    to.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(to).send_with_flags(bytes, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    })
 }
 
 /// Socket -> pipe -> socket, holding a pipe (`held`) only while it has bytes to move.
