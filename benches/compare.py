@@ -386,6 +386,24 @@ def syscalls_per_request(port, pids, close):
     return total / requests, {k: v / requests for k, v in calls.items()}
 
 
+def tcp_out_segments():
+    """TCP segments sent by the whole machine so far (/proc/net/snmp, Tcp: OutSegs)."""
+    lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("OutSegs")])
+
+
+def segments_per_connection(port):
+    """TCP segments on loopback per request with `Connection: close`, every hop counted
+    (client, proxy, backend): fewer segments is less kernel work for all three. Counted
+    machine-wide; nothing else talks TCP during the run but the once-a-second scrape."""
+    before = tcp_out_segments()
+    r = run(["wrk", "-t", "1", "-c", "16", "-d", f"{SECONDS}s", "-H", "Connection: close",
+             f"http://127.0.0.1:{port}/"])
+    m = re.search(r"(\d+) requests in", r.stdout)
+    requests = int(m.group(1)) if m else 0
+    return (tcp_out_segments() - before) / requests if requests else None
+
+
 def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -504,6 +522,10 @@ def main():
                 top = sorted(each.items(), key=lambda kv: -kv[1])[:4]
                 cells.append(f"{total:.1f} ({', '.join(f'{k} {v:.1f}' for k, v in top)})")
             print(f"| {label} | " + " | ".join(cells) + " |")
+        print("\n| TCP segments per connection (close, every hop) | direct | l4lb | HAProxy | nginx |")
+        print("|---|---|---|---|---|")
+        segments = [segments_per_connection(PORTS[t][0]) for t in ("direct", "l4lb", "haproxy", "nginx")]
+        print("| segments | " + " | ".join(fmt(v) for v in segments) + " |")
     print(f"\n{ROUNDS} rounds, {SECONDS}s per run, {WORKERS} workers each, medians; {time.time() - started:.0f}s in all")
     print(f"l4lb ran with its default log level and its admin endpoint scraped once a second ({scrapes['ok']} scrapes, {scrapes['failed']} failed)")
     # What l4lb refused or dropped over the whole run, to explain a slow or hung scenario.
