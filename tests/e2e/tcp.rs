@@ -189,7 +189,8 @@ fn send_last(s: &TcpStream, bytes: &[u8]) {
     sock.shutdown(std::net::Shutdown::Write).unwrap();
 }
 
-/// Segments the socket from `local` to `peer` has received (`ss`, from TCP_INFO).
+/// Segments the socket from `local` to `peer` has received (`ss`, from TCP_INFO). Runs `ss`
+/// synchronously: a few milliseconds, on a test runtime with two worker threads.
 fn segs_in(local: SocketAddr, peer: SocketAddr) -> u64 {
     let out = std::process::Command::new("ss")
         .args(["-Htin", "src", &local.to_string(), "dst", &peer.to_string()])
@@ -209,26 +210,35 @@ fn segs_in(local: SocketAddr, peer: SocketAddr) -> u64 {
 /// socket is measured while it still has its own FIN to send (a closed one has no TCP_INFO).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_bytes_and_fin_leave_in_one_segment() {
-    // Upward: the backend reads the client's request and FIN, and reports what it received.
+    // Upward: the client's first bytes go alone; once the backend has them, l4lb has read
+    // them and waits on the client's socket, and the last bytes and FIN go in one segment.
+    // (Sent at once, they could meet l4lb's first read of a freshly accepted socket, which
+    // tokio takes as readable before its event loop has seen anything, FIN included.)
     let (tx, mut received_up) = tokio::sync::mpsc::channel::<u64>(2);
+    let (first_tx, mut first_arrived) = tokio::sync::mpsc::channel::<()>(2);
     let up = backend(move |mut s| {
-        let tx = tx.clone();
+        let (tx, first_tx) = (tx.clone(), first_tx.clone());
         async move {
-            let mut request = Vec::new();
-            s.read_to_end(&mut request).await.unwrap();
-            assert_eq!(request, b"last request");
+            let mut first = [0u8; 5];
+            s.read_exact(&mut first).await.unwrap();
+            first_tx.send(()).await.unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            assert_eq!((&first[..], &rest[..]), (&b"last "[..], &b"request"[..]));
             let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
             tx.send(segs_in(local, peer)).await.unwrap();
         }
     })
     .await;
-    let send_up = |to: SocketAddr| async move {
+    async fn send_up(to: SocketAddr, first_arrived: &mut tokio::sync::mpsc::Receiver<()>) {
         let mut c = TcpStream::connect(to).await.unwrap();
-        send_last(&c, b"last request");
+        c.write_all(b"last ").await.unwrap();
+        first_arrived.recv().await.unwrap();
+        send_last(&c, b"request");
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
-    };
+    }
     // Downward: the backend sends its last bytes and FIN at once; the client reports.
     let down = backend(|mut s| async move {
         send_last(&s, b"last response");
@@ -245,12 +255,12 @@ async fn last_bytes_and_fin_leave_in_one_segment() {
         segs_in(local, peer)
     };
 
-    send_up(up).await;
+    send_up(up, &mut first_arrived).await;
     let direct_up = received_up.recv().await.unwrap();
     let direct_down = receive_down(down).await;
     let lb_up = Balancer::start(&config(&[up], "", ""));
     let lb_down = Balancer::start(&config(&[down], "", ""));
-    send_up(lb_up.addr()).await;
+    send_up(lb_up.addr(), &mut first_arrived).await;
     let proxied_up = received_up.recv().await.unwrap();
     let proxied_down = receive_down(lb_down.addr()).await;
     assert_eq!(
@@ -262,6 +272,44 @@ async fn last_bytes_and_fin_leave_in_one_segment() {
         let line = lb.wait_for_log(|l| l.contains("connection closed"));
         assert_eq!(field(&line, "end").as_deref(), Some("closed"), "{line}");
     }
+}
+
+/// A backend that writes 8 MiB and closes, to a client with a small receive buffer: l4lb
+/// has the FIN long before its client has taken the bytes before it, and must pass on
+/// every byte first and the end after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_gets_every_byte_then_the_end() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let body = std::sync::Arc::new(random_bytes(7, SIZE));
+    let sum = xxh3_64(&body);
+    let b = backend(move |mut s| {
+        let body = std::sync::Arc::clone(&body);
+        async move {
+            s.write_all(&body).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+        }
+    })
+    .await;
+    let lb = Balancer::start(&config(&[b], "relay: copy", ""));
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut c = socket.connect(lb.addr()).await.unwrap();
+    let mut got = Vec::with_capacity(SIZE);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!((got.len(), xxh3_64(&got)), (SIZE, sum));
+    drop(c);
+    let line = lb.wait_for_log(|l| l.contains("connection closed"));
+    assert_eq!(field(&line, "end").as_deref(), Some("closed"), "{line}");
+    assert_eq!(field(&line, "bytes_out"), Some(SIZE.to_string()), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

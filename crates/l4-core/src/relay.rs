@@ -311,6 +311,10 @@ struct CopyState {
     /// Bytes the peer could not take yet; `written` of them have been written since.
     leftover: Vec<u8>,
     written: usize,
+    /// The end of stream was read behind the leftover: it is passed on once the leftover
+    /// is written, and the leftover goes with `MSG_MORE` so that the FIN joins its last
+    /// segment.
+    ended: bool,
 }
 
 impl CopyState {
@@ -320,6 +324,7 @@ impl CopyState {
             full_reads: 0,
             leftover: Vec::new(),
             written: 0,
+            ended: false,
         }
     }
 }
@@ -392,7 +397,13 @@ impl CopyState {
         loop {
             // What the peer could not take is written before anything more is read.
             while self.written < self.leftover.len() {
-                match ends.to.try_write(&self.leftover[self.written..]) {
+                let rest = &self.leftover[self.written..];
+                let sent = if self.ended {
+                    send_before_end(ends.to, rest)
+                } else {
+                    ends.to.try_write(rest)
+                };
+                match sent {
                     Ok(0) => {
                         let e = io::Error::from(io::ErrorKind::WriteZero);
                         return Poll::Ready(Err(way.fail_to(e)));
@@ -413,6 +424,10 @@ impl CopyState {
                 // Released, not kept: an idle connection holds no buffer.
                 self.leftover = Vec::new();
                 self.written = 0;
+            }
+            if self.ended {
+                finish(ends);
+                return Poll::Ready(Ok(CopyEnd::Eof));
             }
             if self.promote && self.full_reads >= BULK_READS {
                 return Poll::Ready(Ok(CopyEnd::Bulk));
@@ -457,14 +472,16 @@ impl CopyState {
                 // A short read drained the socket: forget the readiness now instead of
                 // paying a read that returns EAGAIN to learn it.
                 mark_drained(ends.from, Interest::READABLE);
-                // What readiness is left is the reactor's record of a FIN or an error
-                // (final states, never cleared): then the read that would follow the write
-                // is made now. Without it, `try_read` answers WouldBlock with no syscall.
+                // What readable readiness is left is the reactor's record of a FIN or a
+                // hang-up (how a reset shows): final states, never cleared. Then the read
+                // that would follow the write is made now; without them, `try_read`
+                // answers WouldBlock with no syscall.
                 match ends.from.try_read(&mut buf[n..]) {
                     Ok(0) => ended = true,
                     Ok(more) => n += more,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // Passed on after the bytes read before it, as it would have been.
+                    // Returned after the bytes read before it are written, where the next
+                    // read would have returned it.
                     Err(e) => read_failed = Some(e),
                 }
             }
@@ -501,12 +518,11 @@ impl CopyState {
             if let Some(e) = read_failed {
                 return Err(way.fail_from(e));
             }
-            self.leftover.extend_from_slice(&buf[written..n]);
             if ended && written == n {
                 return Ok(CopyStep::MovedLast);
             }
-            // With a leftover, the end is read again (a read after a FIN returns 0 again)
-            // once the leftover is written.
+            self.leftover.extend_from_slice(&buf[written..n]);
+            self.ended = ended;
             Ok(CopyStep::Moved(n))
         })
     }
@@ -897,5 +913,61 @@ mod tests {
         let future = relay(client, backend, options, None, None);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 512, "the relay future grew to {size} bytes");
+    }
+
+    /// Two connected sockets: (the end l4lb holds, the peer's end, with `peer_receive_buffer`
+    /// bytes of receive buffer if given).
+    async fn pair(peer_receive_buffer: Option<u32>) -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = peer_receive_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let peer = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (held, _) = listener.accept().await.unwrap();
+        (held, peer)
+    }
+
+    /// The backend sends a full read's worth, then its last bytes with its FIN, and the
+    /// client takes bytes slowly: the last bytes wait as a leftover with the end already
+    /// read, and the client must still get every byte, then the end.
+    #[tokio::test]
+    async fn the_end_read_behind_a_leftover_is_passed_on_after_it() {
+        const SIZE: usize = COPY_BUFFER + 16 * 1024;
+        // A small window and send buffer toward the client: the first 64 KiB fill them,
+        // and the last bytes, read with the end, cannot be written at once.
+        let (client, mut client_peer) = pair(Some(4096)).await;
+        let (backend, backend_peer) = pair(None).await;
+        socket2::SockRef::from(&client)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let peer = socket2::SockRef::from(&backend_peer);
+        assert_eq!(peer.send_with_flags(&body, libc::MSG_MORE).unwrap(), SIZE);
+        peer.shutdown(Shutdown::Write).unwrap();
+        // Let the reactor record the FIN before the relay's first read (a freshly accepted
+        // socket is taken as readable before any event).
+        mark_drained(&backend, Interest::READABLE);
+        let seen = backend.ready(Interest::READABLE).await.unwrap();
+        assert!(seen.is_read_closed());
+        let options = RelayOptions {
+            mode: RelayMode::Copy,
+            idle_timeout: Duration::from_secs(10),
+            max_pipes: 0,
+        };
+        let relaying = tokio::spawn(relay(client, backend, options, None, None));
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client_peer, &mut got)
+            .await
+            .unwrap();
+        assert!(got == body, "{} bytes of {SIZE}, or other bytes", got.len());
+        drop(client_peer);
+        drop(backend_peer);
+        let report = relaying.await.unwrap();
+        assert_eq!(report.backend_to_client, SIZE as u64);
+        assert_eq!(report.end, RelayEnd::Closed);
     }
 }
