@@ -20,6 +20,8 @@ pub mod source_limit;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tcp;
+#[cfg(test)]
+mod test_sockets;
 pub mod udp;
 mod udp_ports;
 

@@ -248,21 +248,12 @@ pub async fn postgres_backend_tls(backend: &mut TcpStream, deadline: Instant) ->
 mod tests {
     use super::*;
     use crate::client_hello::tests::{hello_message, records, sni_extension};
+    use crate::test_sockets::connected_pair;
     use std::time::Duration;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
 
     #[tokio::test]
     async fn a_hello_in_pieces_is_peeked_whole_and_left_in_place() {
-        let (mut client, mut server) = pair().await;
+        let (mut server, mut client) = connected_pair(None).await;
         let message = hello_message(&[(0x11ec, vec![1; 1300]), sni_extension("a.test")]);
         let bytes = records(&message, 500);
         let sent = bytes.clone();
@@ -286,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn silence_times_out_and_a_proxy_header_is_consumed_exactly() {
-        let (mut client, mut server) = pair().await;
+        let (mut server, mut client) = connected_pair(None).await;
         let deadline = Instant::now() + Duration::from_millis(50);
         assert!(matches!(
             peek_server_name(&server, deadline).await,
@@ -309,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn postgres_ssl_request_is_answered_then_the_hello_peeked() {
-        let (mut client, mut server) = pair().await;
+        let (mut server, mut client) = connected_pair(None).await;
         client.write_all(&postgres::GSSENC_REQUEST).await.unwrap();
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -332,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn postgres_direct_tls_and_plaintext_starts_are_left_untouched() {
         // PostgreSQL 17 sslnegotiation=direct: the ClientHello comes first.
-        let (mut client, mut server) = pair().await;
+        let (mut server, mut client) = connected_pair(None).await;
         let hello = records(&hello_message(&[sni_extension("db2.test")]), 1 << 14);
         client.write_all(&hello).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -343,7 +334,7 @@ mod tests {
         server.read_exact(&mut all).await.unwrap();
         assert_eq!(all, hello);
         // A plaintext StartupMessage: no name, nothing consumed, nothing answered.
-        let (mut client, mut server) = pair().await;
+        let (mut server, mut client) = connected_pair(None).await;
         let startup = [0, 0, 0, 9, 0, 3, 0, 0, 0];
         client.write_all(&startup).await.unwrap();
         let start = postgres_start(&mut server, deadline).await.unwrap();

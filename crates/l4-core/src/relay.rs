@@ -893,6 +893,7 @@ pub fn relay<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_sockets::connected_pair;
 
     /// An idle connection's memory is mostly its task, and the task is mostly this future
     /// (1,344 bytes when each direction was an `async fn` raced with the timer by
@@ -900,11 +901,7 @@ mod tests {
     /// that code controls from growing back unnoticed.
     #[tokio::test]
     async fn the_relay_future_of_an_idle_connection_stays_small() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (backend, _) = listener.accept().await.unwrap();
+        let (backend, client) = connected_pair(None).await;
         let options = RelayOptions {
             mode: RelayMode::Auto,
             idle_timeout: Duration::from_secs(60),
@@ -915,22 +912,6 @@ mod tests {
         assert!(size <= 512, "the relay future grew to {size} bytes");
     }
 
-    /// Two connected sockets: (the end l4lb holds, the peer's end, with `peer_receive_buffer`
-    /// bytes of receive buffer if given).
-    async fn pair(peer_receive_buffer: Option<u32>) -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        if let Some(size) = peer_receive_buffer {
-            socket.set_recv_buffer_size(size).unwrap();
-        }
-        let peer = socket
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (held, _) = listener.accept().await.unwrap();
-        (held, peer)
-    }
-
     /// The backend sends a full read's worth, then its last bytes with its FIN, and the
     /// client takes bytes slowly: the last bytes wait as a leftover with the end already
     /// read, and the client must still get every byte, then the end.
@@ -939,8 +920,8 @@ mod tests {
         const SIZE: usize = COPY_BUFFER + 16 * 1024;
         // A small window and send buffer toward the client: the first 64 KiB fill them,
         // and the last bytes, read with the end, cannot be written at once.
-        let (client, mut client_peer) = pair(Some(4096)).await;
-        let (backend, backend_peer) = pair(None).await;
+        let (client, mut client_peer) = connected_pair(Some(4096)).await;
+        let (backend, backend_peer) = connected_pair(None).await;
         socket2::SockRef::from(&client)
             .set_send_buffer_size(4096)
             .unwrap();
