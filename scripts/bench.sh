@@ -30,6 +30,6 @@ systemctl stop nginx haproxy 2>/dev/null || true
 ulimit -n 300000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release -p l4lb
-# benches/uring/run.sh sets up through here and runs its own comparison.
+# benches/bare-proxy/run.sh sets up through here and runs its own comparison.
 [ "${1:-}" = --setup-only ] && exit 0
 exec python3 benches/compare.py

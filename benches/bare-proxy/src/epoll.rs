@@ -140,7 +140,7 @@ impl Worker {
                 self.register(
                     [client, backend][side],
                     interest,
-                    generation | (id as u64) << 1 | side as u64,
+                    generation | ((id as u64) << 1) | side as u64,
                 )
             });
             if !registered {

@@ -125,7 +125,9 @@ impl Worker {
         let addr = &self.backends[self.next_backend % self.backends.len()];
         self.next_backend += 1;
         // The first read from the client is linked to the connect: it starts once the
-        // backend has answered, in the same submission.
+        // backend has answered, with no second submission. (Should the queue fill between
+        // the two pushes, the link is cut and the read starts at once: the first send then
+        // waits for the connect like any other.)
         let connect = opcode::Connect::new(
             Fd(backend),
             (addr as *const libc::sockaddr_in).cast(),
