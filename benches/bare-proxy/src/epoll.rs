@@ -5,6 +5,7 @@
 
 use std::os::fd::RawFd;
 
+use crate::slots::{Buffers, Slots};
 use crate::{backend_socket, BUFFER};
 
 const LISTENER: u64 = u64::MAX;
@@ -12,7 +13,7 @@ const LISTENER: u64 = u64::MAX;
 /// Direction d moves bytes read from `fds[d]` to `fds[1 - d]` (0: client to backend).
 struct Conn {
     fds: [RawFd; 2],
-    bufs: [Box<[u8]>; 2],
+    bufs: Buffers,
     len: [usize; 2],
     sent: [usize; 2],
     /// Per socket: it may have bytes or its end to read / room to write.
@@ -30,12 +31,7 @@ pub struct Worker {
     listener: RawFd,
     backends: Vec<libc::sockaddr_in>,
     next_backend: usize,
-    conns: Vec<Option<Conn>>,
-    /// Bumped when a slot is freed, so that events of its closed sockets still in the
-    /// batch are not taken for those of the slot's next connection.
-    generations: Vec<u32>,
-    free: Vec<usize>,
-    spare_buffers: Vec<[Box<[u8]>; 2]>,
+    conns: Slots<Conn>,
 }
 
 fn errno() -> i32 {
@@ -56,10 +52,7 @@ impl Worker {
             listener,
             backends,
             next_backend: 0,
-            conns: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
-            spare_buffers: Vec::new(),
+            conns: Slots::new(),
         };
         assert!(
             worker.register(listener, libc::EPOLLIN as u32, LISTENER),
@@ -105,12 +98,7 @@ impl Worker {
                 close_all(&[client, backend]);
                 continue;
             }
-            let bufs = self.spare_buffers.pop().unwrap_or_else(|| {
-                [
-                    vec![0; BUFFER].into_boxed_slice(),
-                    vec![0; BUFFER].into_boxed_slice(),
-                ]
-            });
+            let bufs = self.conns.buffers();
             let conn = Conn {
                 fds: [client, backend],
                 bufs,
@@ -122,20 +110,10 @@ impl Worker {
                 eof: [false; 2],
                 ended: [false; 2],
             };
-            let id = match self.free.pop() {
-                Some(id) => {
-                    self.conns[id] = Some(conn);
-                    id
-                }
-                None => {
-                    self.conns.push(Some(conn));
-                    self.generations.push(0);
-                    self.conns.len() - 1
-                }
-            };
+            let id = self.conns.insert(conn);
             let interest =
                 (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-            let generation = u64::from(self.generations[id]) << 32;
+            let generation = u64::from(self.conns.generation(id).unwrap_or(0)) << 32;
             let registered = (0..2).all(|side| {
                 self.register(
                     [client, backend][side],
@@ -150,11 +128,9 @@ impl Worker {
     }
 
     fn release(&mut self, id: usize) {
-        if let Some(conn) = self.conns[id].take() {
+        if let Some(conn) = self.conns.remove(id) {
             close_all(&conn.fds);
-            self.spare_buffers.push(conn.bufs);
-            self.generations[id] = self.generations[id].wrapping_add(1);
-            self.free.push(id);
+            self.conns.recycle(conn.bufs);
         }
     }
 
@@ -168,10 +144,10 @@ impl Worker {
             (data as u32 >> 1) as usize,
             (data & 1) as usize,
         );
-        if self.generations.get(id) != Some(&generation) {
+        if self.conns.generation(id) != Some(generation) {
             return;
         }
-        let Some(conn) = self.conns[id].as_mut() else {
+        let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
         let (inp, out, hup, rdhup, err) = (

@@ -16,6 +16,7 @@
 //! Usage: bare-proxy <uring|epoll> <workers> <listen-port> <backend-port>...
 
 mod epoll;
+mod slots;
 mod uring;
 
 use std::net::{Ipv4Addr, SocketAddrV4};

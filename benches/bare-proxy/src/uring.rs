@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 
 use io_uring::{cqueue, opcode, squeue, types::Fd, IoUring};
 
+use crate::slots::{Buffers, Slots};
 use crate::{backend_socket, BUFFER};
 
 #[derive(Clone, Copy)]
@@ -29,7 +30,7 @@ fn tag(conn: usize, op: Op) -> u64 {
 /// Direction d moves bytes read from `fds[d]` to `fds[1 - d]` (0: client to backend).
 struct Conn {
     fds: [RawFd; 2],
-    bufs: [Box<[u8]>; 2],
+    bufs: Buffers,
     len: [usize; 2],
     sent: [usize; 2],
     ended: [bool; 2],
@@ -43,9 +44,7 @@ pub struct Worker {
     listener: RawFd,
     backends: Vec<libc::sockaddr_in>,
     next_backend: usize,
-    conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
-    spare_buffers: Vec<[Box<[u8]>; 2]>,
+    conns: Slots<Conn>,
 }
 
 impl Worker {
@@ -70,7 +69,7 @@ impl Worker {
     }
 
     fn recv(&mut self, id: usize, d: usize) {
-        let conn = self.conns[id].as_mut().expect("live connection");
+        let conn = self.conns.get_mut(id).expect("live connection");
         conn.in_flight += 1;
         let entry = opcode::Recv::new(Fd(conn.fds[d]), conn.bufs[d].as_mut_ptr(), BUFFER as u32)
             .build()
@@ -79,7 +78,7 @@ impl Worker {
     }
 
     fn send(&mut self, id: usize, d: usize) {
-        let conn = self.conns[id].as_mut().expect("live connection");
+        let conn = self.conns.get_mut(id).expect("live connection");
         conn.in_flight += 1;
         let rest = &conn.bufs[d][conn.sent[d]..conn.len[d]];
         let entry = opcode::Send::new(Fd(conn.fds[1 - d]), rest.as_ptr(), rest.len() as u32)
@@ -96,12 +95,7 @@ impl Worker {
             unsafe { libc::close(client) };
             return;
         }
-        let bufs = self.spare_buffers.pop().unwrap_or_else(|| {
-            [
-                vec![0; BUFFER].into_boxed_slice(),
-                vec![0; BUFFER].into_boxed_slice(),
-            ]
-        });
+        let bufs = self.conns.buffers();
         let conn = Conn {
             fds: [client, backend],
             bufs,
@@ -112,16 +106,7 @@ impl Worker {
             aborted: false,
             closing: false,
         };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.conns[id] = Some(conn);
-                id
-            }
-            None => {
-                self.conns.push(Some(conn));
-                self.conns.len() - 1
-            }
-        };
+        let id = self.conns.insert(conn);
         let addr = &self.backends[self.next_backend % self.backends.len()];
         self.next_backend += 1;
         // The first read from the client is linked to the connect: it starts once the
@@ -141,7 +126,7 @@ impl Worker {
     }
 
     fn abort(&mut self, id: usize) {
-        let conn = self.conns[id].as_mut().expect("live connection");
+        let conn = self.conns.get_mut(id).expect("live connection");
         if !conn.aborted {
             conn.aborted = true;
             for fd in conn.fds {
@@ -153,7 +138,7 @@ impl Worker {
     }
 
     fn close_when_idle(&mut self, id: usize) {
-        let conn = self.conns[id].as_mut().expect("live connection");
+        let conn = self.conns.get_mut(id).expect("live connection");
         if conn.in_flight > 0 || conn.closing || !(conn.aborted || conn.ended == [true, true]) {
             return;
         }
@@ -180,8 +165,9 @@ impl Worker {
             }
             return;
         }
-        let conn = self.conns[id]
-            .as_mut()
+        let conn = self
+            .conns
+            .get_mut(id)
             .expect("completion of a live connection");
         conn.in_flight -= 1;
         match op {
@@ -224,9 +210,8 @@ impl Worker {
             6 | 7 => conn.ended[(op - 6) as usize] = true,
             8 => {
                 if conn.in_flight == 0 {
-                    let conn = self.conns[id].take().expect("live connection");
-                    self.spare_buffers.push(conn.bufs);
-                    self.free.push(id);
+                    let conn = self.conns.remove(id).expect("live connection");
+                    self.conns.recycle(conn.bufs);
                 }
                 return;
             }
@@ -246,9 +231,7 @@ impl Worker {
             listener,
             backends,
             next_backend: 0,
-            conns: Vec::new(),
-            free: Vec::new(),
-            spare_buffers: Vec::new(),
+            conns: Slots::new(),
         }
     }
 
