@@ -404,6 +404,20 @@ def segments_per_connection(port):
     return (tcp_out_segments() - before) / requests if requests else None
 
 
+def med(xs):
+    """The median of the runs that gave a figure (None when none did)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(v):
+    return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
+
+
+def ratio(a, b):
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
 def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -466,16 +480,6 @@ def main():
     if not ONLY or "idle" in ONLY:
         for t in [t for t in targets if t != "direct"]:
             results.setdefault(f"idle memory per conn at {IDLE_CONNS} (KiB)", {})[t] = [idle_memory(PORTS[t][0], pids[t])]
-
-    def med(xs):
-        xs = [x for x in xs if x is not None]
-        return statistics.median(xs) if xs else None
-
-    def fmt(v):
-        return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
-
-    def ratio(a, b):
-        return "-" if a is None or not b else f"{a / b:.2f}x"
 
     header = f"| scenario | direct | l4lb | HAProxy | nginx | l4lb/HAProxy | l4lb/nginx | l4lb/direct |"
     print(header)

@@ -5,12 +5,12 @@ the proxy's CPU seconds per 100k requests, syscalls and segments per connection.
 Run through run.sh, which builds both binaries."""
 import os
 import shutil
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import compare as c  # noqa: E402
+from compare import fmt, med, ratio  # noqa: E402
 
 BARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "target", "release", "bare-proxy")
 c.PORTS["uring"] = (18105, None)
@@ -44,16 +44,6 @@ def main():
                 if not close:
                     rows.setdefault("keep-alive p99 (ms)", {}).setdefault(t, []).append(r["p99"])
         print(f"round {rnd + 1}/{c.ROUNDS} done ({time.time() - started:.0f}s)", file=sys.stderr)
-
-    def med(xs):
-        xs = [x for x in xs if x is not None]
-        return statistics.median(xs) if xs else None
-
-    def fmt(v):
-        return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
-
-    def ratio(a, b):
-        return "-" if a is None or not b else f"{a / b:.2f}x"
 
     print("For CPU and p99 rows lower is better, and \"best other\" is the lower of HAProxy and nginx.\n")
     print("| scenario | l4lb | bare io_uring | bare epoll | HAProxy | nginx | io_uring/epoll | io_uring/best other | epoll/l4lb |")
