@@ -131,6 +131,16 @@ async fn auto_copies_small_exchanges() {
         Some("0"),
         "{line}"
     );
+    // The whole access line, as the generic tracing format wrote it before l4lb formatted
+    // it itself: what log shippers parse must not move.
+    let shape = regex::Regex::new(concat!(
+        r#"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z  INFO "#,
+        r#"conn\{listener=test client=127\.0\.0\.1:\d+\}: access: connection closed "#,
+        r#"pool=p backend=127\.0\.0\.1:\d+ bytes_in=2190 bytes_out=2190 duration_ms=\d+ "#,
+        r#"end="closed" error=None spliced_bytes=0$"#
+    ))
+    .unwrap();
+    assert!(shape.is_match(&line), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn};
 
 use crate::admission::{AccessList, ConnectionLimit, ConnectionSlot};
 use crate::connect::connect;
@@ -258,14 +258,19 @@ fn handle(
     async move {
         // Boxed: set-up needs more state than relaying, and a connection spends its life
         // relaying; inline, the set-up's size would be every idle connection's size.
-        let setup = prepare(&service, client, peer, local, started).instrument(span.clone());
+        // Each poll runs in the span. (Not `Instrumented`: it holds a second handle to the
+        // span and enters it once more to drop the finished set-up, an enter, an exit and
+        // a close that every connection would pay for nothing.)
+        let mut setup = Box::pin(prepare(&service, client, peer, local, started));
+        let ready = std::future::poll_fn(|cx| span.in_scope(|| setup.as_mut().poll(cx))).await;
+        drop(setup);
         let Some(Ready {
             client,
             backend,
             metric,
             cut,
             ends,
-        }) = Box::pin(setup).await
+        }) = ready
         else {
             return;
         };

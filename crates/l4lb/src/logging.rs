@@ -14,6 +14,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use crate::config::{AccessLog, AccessSink};
+use crate::log_format::{TextFields, TextLine};
 use crate::log_writer::{DroppedLines, WriterGuard};
 
 /// Lines queued for the writer at most; beyond, new lines are dropped and counted.
@@ -45,6 +46,8 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let not_access = filter_fn(|meta| meta.target() != l4_core::ACCESS_LOG);
     let main = tracing_subscriber::fmt::layer()
+        .event_format(TextLine::default())
+        .fmt_fields(TextFields)
         .with_writer(stderr.clone())
         .with_ansi(ansi)
         .with_filter(not_access)
@@ -69,6 +72,8 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
         (Some(w), false) => (
             Some(
                 tracing_subscriber::fmt::layer()
+                    .event_format(TextLine::default())
+                    .fmt_fields(TextFields)
                     .with_writer(w)
                     .with_ansi(access_ansi)
                     .with_filter(only_access()),

@@ -6,6 +6,7 @@ mod admin;
 mod config;
 mod ctl;
 mod discovery;
+mod log_format;
 mod log_writer;
 mod logging;
 mod metrics;
