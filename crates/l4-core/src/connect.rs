@@ -4,7 +4,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 /// Why a backend connection could not be made. Passive health and retries use the kind;
 /// logs use the message.
@@ -55,17 +57,24 @@ impl ConnectError {
 /// A source address is bound with `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the local
 /// port at connect time by the whole 4-tuple: one local port serves one connection per
 /// backend, and each source adds a full port range.
+///
+/// The outcome is read from the readiness epoll reports, as nginx does: a failed connect
+/// wakes with `EPOLLERR` (and `EPOLLHUP`), a made one with `EPOLLOUT` alone. Only a
+/// failure asks the socket for its error; tokio's own connect asks on every success too,
+/// a `getsockopt(SO_ERROR)` per proxied connection that says nothing.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     source: Option<IpAddr>,
 ) -> Result<TcpStream, ConnectError> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
+    // Non-blocking from the start (SOCK_NONBLOCK; socket2 adds SOCK_CLOEXEC): one syscall.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
     .map_err(ConnectError::Io)?;
-    socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    socket.set_tcp_nodelay(true).map_err(ConnectError::Io)?;
     if let Some(source) = source {
         // An IPPROTO_IP option that IPv6 sockets honour as well (inet6_bind reads it).
         let _ = nix::sys::socket::setsockopt(
@@ -74,20 +83,76 @@ pub async fn connect(
             &true,
         );
         socket
-            .bind(SocketAddr::new(source, 0))
+            .bind(&SocketAddr::new(source, 0).into())
             .map_err(ConnectError::Io)?;
     }
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),
-        Ok(Err(e)) => Err(ConnectError::Io(e)),
-        Err(_) => Err(ConnectError::Timeout(timeout)),
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(classify(e)),
+    }
+    let stream =
+        TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(ConnectError::Io)?;
+    let ready =
+        match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE | Interest::ERROR))
+            .await
+        {
+            Ok(ready) => ready.map_err(ConnectError::Io)?,
+            Err(_) => return Err(ConnectError::Timeout(timeout)),
+        };
+    if ready.is_error() || ready.is_write_closed() {
+        let error = stream
+            .take_error()
+            .map_err(ConnectError::Io)?
+            .unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotConnected, "closed while connecting")
+            });
+        return Err(classify(error));
+    }
+    Ok(stream)
+}
+
+fn classify(error: io::Error) -> ConnectError {
+    if error.kind() == io::ErrorKind::ConnectionRefused {
+        ConnectError::Refused
+    } else {
+        ConnectError::Io(error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connects_with_nodelay_and_reports_a_refusal_as_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect(addr, Duration::from_secs(5), None).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+        assert!(stream.nodelay().unwrap());
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), stream.local_addr().unwrap());
+        drop(listener);
+        // Nothing listens on the port any more: the SYN is answered by a RST.
+        match connect(addr, Duration::from_secs(5), None).await {
+            Err(ConnectError::Refused) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn leaves_from_the_source_address_given() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let source: IpAddr = "127.0.0.9".parse().unwrap();
+        let stream = connect(addr, Duration::from_secs(5), Some(source))
+            .await
+            .unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), source);
+        assert_eq!(stream.local_addr().unwrap(), peer);
+    }
 
     #[test]
     fn only_backend_failures_blame_the_backend() {
