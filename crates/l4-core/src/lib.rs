@@ -10,6 +10,7 @@ pub mod connect;
 mod fault;
 pub mod flow;
 pub mod listener;
+pub mod log_addr;
 mod pipe_pool;
 pub mod postgres;
 pub mod preread;

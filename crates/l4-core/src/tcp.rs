@@ -22,6 +22,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::admission::{AccessList, ConnectionLimit, ConnectionSlot};
 use crate::connect::connect;
+use crate::log_addr::LogAddr;
 use crate::preread::{
     peek_server_name, postgres_backend_tls, postgres_start, read_proxy_header, PeekEnd, ServerName,
 };
@@ -221,7 +222,7 @@ fn start(
     };
     let Some(local) = local else { return };
     bump(&service.stats.accepted, 1);
-    let span = info_span!("conn", listener = %service.name, client = %peer);
+    let span = info_span!("conn", listener = %service.name, client = %LogAddr(peer));
     tracker.spawn(handle(Arc::clone(service), client, peer, local, span));
 }
 
@@ -486,10 +487,10 @@ fn finish(service: &TcpService, ends: Ending<'_>, report: &RelayReport, started:
         source = service
             .accept_proxy
             .is_some()
-            .then_some(tracing::field::display(source)),
+            .then_some(tracing::field::display(LogAddr(source))),
         pool = %target.name,
         sni = route.name.as_deref(),
-        backend = %backend_addr,
+        backend = %LogAddr(backend_addr),
         bytes_in = report.client_to_backend,
         bytes_out = report.backend_to_client,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -25,6 +25,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use crate::log_addr::LogAddr;
 use crate::udp_ports::{FlowSocket, PortBook};
 use crate::{bump, ACCESS_LOG};
 use tokio_util::sync::CancellationToken;
@@ -631,9 +632,9 @@ impl Worker {
         info!(
         target: ACCESS_LOG,
             listener = %self.service.name,
-            client = %id.client,
-            peer = (id.peer != id.client).then_some(tracing::field::display(id.peer)),
-            backend = %flow.backend.addr(),
+            client = %LogAddr(id.client),
+            peer = (id.peer != id.client).then_some(tracing::field::display(LogAddr(id.peer))),
+            backend = %LogAddr(flow.backend.addr()),
             datagrams_in = flow.datagrams_in,
             bytes_in = flow.bytes_in,
             datagrams_out = flow.shared.datagrams_out.load(Ordering::Relaxed),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -50,8 +50,9 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
         .fmt_fields(TextFields)
         .with_writer(stderr.clone())
         .with_ansi(ansi)
-        .with_filter(not_access)
-        .with_filter(filter);
+        // One filter of both, not one wrapped in the other: every span a worker enters
+        // or leaves is looked up once per filtering layer.
+        .with_filter(not_access.and(filter));
 
     // Spans pass too: the access event's span carries the listener and the client.
     let only_access = || filter_fn(|meta| meta.is_span() || meta.target() == l4_core::ACCESS_LOG);
