@@ -14,7 +14,8 @@
 //! Field names are never styled (the generic format makes them italic on a terminal):
 //! a span's fields are formatted once and shared by every layer, the terminal's and an
 //! access log file's alike, and a file must not get escape codes. With colours (a
-//! terminal) the rest of the line is the generic format's.
+//! terminal), and for records of the `log` crate, the rest of the line is the generic
+//! format's.
 
 use std::fmt::{self, Write};
 
@@ -26,7 +27,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 /// The `Full` text format of tracing-subscriber (timestamp, level, span scope with its
-/// fields, target, fields), byte for byte.
+/// fields, target, fields), byte for byte when uncoloured.
 #[derive(Default)]
 pub struct TextLine {
     coloured: Format<Full>,
@@ -43,10 +44,13 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        if writer.has_ansi_escapes() {
+        let meta = event.metadata();
+        // Colours, and events from the `log` crate (their real target and place are
+        // fields the generic format unpacks), take the generic path: neither is an
+        // access line.
+        if writer.has_ansi_escapes() || meta.target() == "log" {
             return self.coloured.format_event(ctx, writer, event);
         }
-        let meta = event.metadata();
         write_timestamp(&mut writer, std::time::SystemTime::now())?;
         writer.write_str(level(meta.level()))?;
         writer.write_char(' ')?;
@@ -84,6 +88,7 @@ pub struct TextFields;
 impl<'w> FormatFields<'w> for TextFields {
     fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
         let mut visitor = Fields {
+            sanitize: writer.sanitizes_ansi_escapes(),
             writer,
             first: true,
             result: Ok(()),
@@ -105,14 +110,22 @@ fn level(level: &Level) -> &'static str {
 }
 
 /// `2026-12-07T22:40:01.123456Z ` as tracing-subscriber's system time writes it, from a
-/// fixed buffer (humantime's RFC 3339 with microseconds). A clock it cannot format (before
-/// 1970, which humantime would panic on, or after 9999, which it refuses) is reported the
-/// way the generic format reports a clock it cannot read.
+/// fixed buffer (humantime's RFC 3339 with microseconds). A clock humantime cannot format
+/// (before 1970, which it would panic on, or after 9999, which it refuses) is written by
+/// the generic timer, as before.
 fn write_timestamp(writer: &mut Writer<'_>, now: std::time::SystemTime) -> fmt::Result {
-    if now < std::time::UNIX_EPOCH
-        || write!(writer, "{}", humantime::format_rfc3339_micros(now)).is_err()
-    {
-        writer.write_str("<unknown time>")?;
+    // Seconds from 1970 to 10000-01-01T00:00:00Z.
+    const YEAR_10000: std::time::Duration = std::time::Duration::from_secs(253_402_300_800);
+    let in_range = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .is_ok_and(|since| since < YEAR_10000);
+    if in_range {
+        write!(writer, "{}", humantime::format_rfc3339_micros(now))?;
+    } else {
+        tracing_subscriber::fmt::time::FormatTime::format_time(
+            &tracing_subscriber::fmt::time::SystemTime,
+            writer,
+        )?;
     }
     writer.write_char(' ')
 }
@@ -120,6 +133,8 @@ fn write_timestamp(writer: &mut Writer<'_>, now: std::time::SystemTime) -> fmt::
 /// The visitor behind [`TextFields`].
 struct Fields<'a> {
     writer: Writer<'a>,
+    /// Escape what a terminal would act on (the writer's setting; on by default).
+    sanitize: bool,
     first: bool,
     result: fmt::Result,
 }
@@ -142,7 +157,8 @@ impl Fields<'_> {
     }
 
     fn record(&mut self, field: &Field, write: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_ok() {
+        // A `log` record's metadata, carried as fields: the generic format skips them.
+        if self.result.is_ok() && !field.name().starts_with("log.") {
             self.result = self.start(field).and_then(|()| write(&mut self.writer));
         }
     }
@@ -183,20 +199,67 @@ impl Visit for Fields<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
+        if field.name() == "message" && self.sanitize {
             // Escaped as tracing-subscriber escapes a message (terminal injection).
             self.record(field, |w| write!(Escaping(w), "{value:?}"));
         } else {
             self.record(field, |w| write!(w, "{value:?}"));
         }
     }
+
+    /// As the generic format: the error escaped, then its chain as `name.sources=[..]`.
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        let sanitize = self.sanitize;
+        let error = Escaped(value, sanitize);
+        match value.source() {
+            Some(source) => self.record(field, |w| {
+                let sources = Sources(source, sanitize);
+                write!(w, "{error} {}.sources={sources}", field.name())
+            }),
+            None => self.record(field, |w| write!(w, "{error}")),
+        }
+    }
+}
+
+/// An error's `Display`, escaped when asked.
+struct Escaped<'e>(&'e (dyn std::error::Error + 'static), bool);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            write!(Escaping(f), "{}", self.0)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An error's sources, outermost first: `[first, second]`.
+struct Sources<'e>(&'e (dyn std::error::Error + 'static), bool);
+
+impl fmt::Display for Sources<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut next = Some(self.0);
+        while let Some(error) = next {
+            list.entry(&Escaped(error, self.1));
+            next = error.source();
+        }
+        list.finish()
+    }
 }
 
 /// Writes through, escaping the characters a terminal would act on, exactly as
-/// tracing-subscriber does for a message when its writer has no colours.
-struct Escaping<'w, 'a>(&'w mut Writer<'a>);
+/// tracing-subscriber does for a message and an error.
+struct Escaping<W>(W);
 
-impl Write for Escaping<'_, '_> {
+impl<W: Write> Write for Escaping<W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         if !s.chars().any(needs_escape) {
             return self.0.write_str(s);
@@ -304,9 +367,42 @@ mod tests {
             "odd \u{1b}[2J \u{85} message"
         );
         tracing::info!(target: "access", "message only");
+        let chained = Outer(Inner);
+        tracing::warn!(
+            target: "access",
+            error = &chained as &(dyn std::error::Error + 'static),
+            r#cause = &Inner as &(dyn std::error::Error + 'static),
+            "with errors"
+        );
         let inner = tracing::debug_span!("probe", check = "tcp");
         inner.in_scope(|| tracing::error!(target: "l4lb::health", ok = false, "nested"));
     }
+
+    /// An error with a source, both with characters a terminal would act on.
+    #[derive(Debug)]
+    struct Outer(Inner);
+    #[derive(Debug)]
+    struct Inner;
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer \x1b[1mbold")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    impl fmt::Display for Inner {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("inner \u{9b}")
+        }
+    }
+
+    impl std::error::Error for Inner {}
 
     #[test]
     fn writes_what_the_generic_full_format_writes() {
@@ -327,7 +423,7 @@ mod tests {
             );
         tracing::subscriber::with_default(subscriber, emit_access_like_events);
         let (generic, fast) = (generic.lines(), fast.lines());
-        assert_eq!(generic.len(), 5, "{generic:?}");
+        assert_eq!(generic.len(), 6, "{generic:?}");
         assert_eq!(fast.len(), generic.len(), "{fast:?}");
         for (g, f) in generic.iter().zip(&fast) {
             assert_eq!(after_timestamp(f), after_timestamp(g));
@@ -344,6 +440,49 @@ mod tests {
             "{}",
             fast[1]
         );
+        assert!(
+            fast[4].ends_with(
+                "with errors error=outer \\x1b[1mbold error.sources=[inner \\u{9b}] cause=inner \\u{9b}"
+            ),
+            "{}",
+            fast[4]
+        );
+    }
+
+    /// With colours the line is the generic format's (the level coloured), field names
+    /// left plain.
+    #[test]
+    fn with_colours_is_the_generic_format_with_plain_field_names() {
+        // One subscriber each: two layers with the same field formatter in one subscriber
+        // would both append a span's later-recorded fields to the one shared copy.
+        let generic = Captured::default();
+        let fast = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(true)
+                .fmt_fields(TextFields)
+                .with_writer(generic.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, emit_access_like_events);
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(true)
+                .event_format(TextLine::default())
+                .fmt_fields(TextFields)
+                .with_writer(fast.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, emit_access_like_events);
+        let (generic, fast) = (generic.lines(), fast.lines());
+        assert_eq!(fast.len(), 6, "{fast:?}");
+        for (g, f) in generic.iter().zip(&fast) {
+            assert_eq!(after_timestamp(f), after_timestamp(g));
+        }
+        assert!(fast[1].contains("\x1b[32m INFO\x1b[0m"), "{:?}", fast[1]);
+        assert!(
+            fast[1].contains("connection closed pool=p sni="),
+            "{:?}",
+            fast[1]
+        );
     }
 
     #[test]
@@ -352,13 +491,16 @@ mod tests {
         let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_683_201, 123_456_789);
         write_timestamp(&mut Writer::new(&mut out), at).unwrap();
         assert_eq!(out, "2026-12-07T22:40:01.123456Z ");
+        // Out of humantime's range (it would panic before 1970): the generic timer, which
+        // reads the clock itself, writes the line's time instead.
         for broken in [
             std::time::UNIX_EPOCH - std::time::Duration::from_secs(1),
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800),
         ] {
             let mut out = String::new();
             write_timestamp(&mut Writer::new(&mut out), broken).unwrap();
-            assert_eq!(out, "<unknown time> ");
+            assert_eq!(out.len(), "2026-12-07T22:40:01.123456Z ".len(), "{out}");
+            assert!(out.ends_with("Z "), "{out}");
         }
     }
 }

@@ -44,7 +44,11 @@ pub fn init(access: &AccessLog) -> std::io::Result<Logging> {
 
     let filter = tracing_subscriber::EnvFilter::try_from_env("L4LB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let not_access = filter_fn(|meta| meta.target() != l4_core::ACCESS_LOG);
+    // The hint (any level) lets the combined filter keep EnvFilter's: without one, `and`
+    // would drop the level hint and, with the access log off, every debug! call site would
+    // be asked instead of skipped by level.
+    let not_access = filter_fn(|meta| meta.target() != l4_core::ACCESS_LOG)
+        .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE);
     let main = tracing_subscriber::fmt::layer()
         .event_format(TextLine::default())
         .fmt_fields(TextFields)
