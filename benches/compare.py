@@ -41,8 +41,11 @@ PORTS = {  # target -> (http port, iperf port)
     "haproxy": (18102, 15203),
     "nginx": (18103, 15204),
     "base": (18104, 15205),
+    # l4lb and the baseline again, under callgrind, for the instruction counts.
+    "l4lb-callgrind": (18107, 15206),
+    "base-callgrind": (18108, 15207),
 }
-ADMIN = {"l4lb": 19900, "base": 19901}  # admin endpoints, scraped once a second as Prometheus would
+ADMIN = {"l4lb": 19900, "base": 19901, "l4lb-callgrind": 19902, "base-callgrind": 19903}  # admin endpoints, scraped once a second as Prometheus would
 
 procs = []
 tmp = tempfile.mkdtemp(prefix="l4lb-bench-")
@@ -104,7 +107,7 @@ http {{ keepalive_requests 1000000; {servers} }}
         wait_port(p)
 
 
-def start_l4lb(binary, target):
+def start_l4lb(binary, target, wrapper=()):
     http, iperf = PORTS[target]
     backends = "\n".join(f"      - {{ address: 127.0.0.1:{p} }}" for p in HTTP_BACKENDS)
     conf = write(f"{target}.yaml", f"""
@@ -133,7 +136,7 @@ pools:
     # The log level a user gets by default (info: one line per connection), written to a
     # file as a journal would take it; the writer is off the workers.
     env = {k: v for k, v in os.environ.items() if k != "L4LB_LOG"}
-    return start([binary, "--config", conf], env=env)
+    return start(list(wrapper) + [binary, "--config", conf], env=env)
 
 
 def start_proxies():
@@ -386,6 +389,37 @@ def syscalls_per_request(port, pids, close):
     return total / requests, {k: v / requests for k, v in calls.items()}
 
 
+def instructions_per_request(binary, target, close):
+    """Instructions l4lb's own code (user space: l4lb and libc, every thread) executes per
+    proxied connection (close) or keep-alive request, counted by callgrind over one wrk run
+    after a warm-up. Unlike time, the count repeats from run to run on this noisy machine
+    (within a few percent: the scheduling of the tasks varies), so it is how a change to
+    the per-connection code is judged. The kernel's work is not counted. None without
+    valgrind."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        return None
+    out = os.path.join(tmp, f"callgrind-{target}-{close}.out")
+    grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
+    p = start_l4lb(binary, target, wrapper=grind)
+    url = f"http://127.0.0.1:{PORTS[target][0]}/"
+    w = ["wrk", "-t", "1", "-c", "16", "-d", f"{SECONDS}s"] + (["-H", "Connection: close"] if close else [])
+    try:
+        wait_port(PORTS[target][0], timeout=60)
+        run(w + [url])  # warm-up: thread-locals, slabs and pools grow once, not per request
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True, timeout=30)
+        r = run(w + [url], timeout=SECONDS + 30)
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, timeout=30)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    m = re.search(r"(\d+) requests in", r.stdout)
+    dump = out + ".1"
+    if not m or not int(m.group(1)) or not os.path.exists(dump):
+        return None
+    total = re.search(r"^summary: (\d+)", open(dump).read(), re.M)
+    return int(total.group(1)) / int(m.group(1)) if total else None
+
+
 def tcp_out_segments():
     """TCP segments sent by the whole machine so far (/proc/net/snmp, Tcp: OutSegs)."""
     lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Tcp:")]
@@ -530,6 +564,18 @@ def main():
         print("|---|---|---|---|---|")
         segments = [segments_per_connection(PORTS[t][0]) for t in ("direct", "l4lb", "haproxy", "nginx")]
         print("| segments | " + " | ".join(fmt(v) for v in segments) + " |")
+    if not ONLY or "instructions" in ONLY:
+        # l4lb's own share of the connection rows, free of this VM's noise.
+        binaries = [("l4lb", L4LB)] + ([("base", BASELINE)] if BASELINE else [])
+        print("\n| l4lb's own instructions (callgrind, user space) | " + " | ".join(n for n, _ in binaries)
+              + (" | l4lb/base |" if BASELINE else " |"))
+        print("|---|" + "---|" * (len(binaries) + (1 if BASELINE else 0)))
+        for label, close in (("per connection (close)", True), ("per keep-alive request", False)):
+            counts = [instructions_per_request(b, f"{n}-callgrind", close) for n, b in binaries]
+            cells = [f"{c:,.0f}" if c else "-" for c in counts]
+            if BASELINE:
+                cells.append(ratio(counts[0], counts[1]))
+            print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n{ROUNDS} rounds, {SECONDS}s per run, {WORKERS} workers each, medians; {time.time() - started:.0f}s in all")
     print(f"l4lb ran with its default log level and its admin endpoint scraped once a second ({scrapes['ok']} scrapes, {scrapes['failed']} failed)")
     # What l4lb refused or dropped over the whole run, to explain a slow or hung scenario.

@@ -4,7 +4,7 @@
 # Installs iperf3, wrk, haproxy and nginx (with its stream module) if missing, builds l4lb
 # in release mode, and stops everything it started. About 4 minutes on 2 cores.
 # Knobs: BENCH_ROUNDS (3), BENCH_SECONDS (2), BENCH_WORKERS (2), BENCH_IDLE_CONNS (7500: HAProxy sizes its descriptors for maxconn plus splice pipes, and the hard limit here is 20000),
-# BENCH_ONLY=udp,idle,... (substring of scenario names), BENCH_BASELINE=path/to/another/l4lb (runs it beside
+# BENCH_ONLY=udp,idle,syscalls,instructions,... (substring of scenario names), BENCH_BASELINE=path/to/another/l4lb (runs it beside
 # this build in the same rounds and adds an l4lb/base table: how a change is judged on a noisy machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,8 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v python3 >/dev/null || need+=(python3)
+# callgrind counts the instructions l4lb itself runs per connection (BENCH_ONLY=instructions).
+command -v callgrind_control >/dev/null || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
