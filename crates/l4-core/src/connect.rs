@@ -58,10 +58,11 @@ impl ConnectError {
 /// port at connect time by the whole 4-tuple: one local port serves one connection per
 /// backend, and each source adds a full port range.
 ///
-/// The outcome is read from the readiness epoll reports, as nginx does: a failed connect
-/// wakes with `EPOLLERR` (and `EPOLLHUP`), a made one with `EPOLLOUT` alone. Only a
-/// failure asks the socket for its error; tokio's own connect asks on every success too,
-/// a `getsockopt(SO_ERROR)` per proxied connection that says nothing.
+/// The outcome is read from the readiness epoll reports: a failed connect wakes with
+/// `EPOLLERR` (and `EPOLLHUP`), a made one with `EPOLLOUT` alone. Only a failure asks the
+/// socket for its error. tokio's own connect (and nginx's stream proxy, in
+/// `ngx_stream_proxy_test_connect`) asks after every connect, a `getsockopt(SO_ERROR)` per
+/// proxied connection that, on success, says nothing epoll had not said.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
