@@ -44,6 +44,7 @@ PORTS = {  # target -> (http port, iperf port)
     # l4lb and the baseline again, under callgrind, for the instruction counts.
     "l4lb-callgrind": (18107, 15206),
     "base-callgrind": (18108, 15207),
+    "nginx-callgrind": (18109, None),
 }
 ADMIN = {"l4lb": 19900, "base": 19901, "l4lb-callgrind": 19902, "base-callgrind": 19903}  # admin endpoints, scraped once a second as Prometheus would
 
@@ -389,18 +390,38 @@ def syscalls_per_request(port, pids, close):
     return total / requests, {k: v / requests for k, v in calls.items()}
 
 
+def start_nginx_alone(target, wrapper):
+    """nginx's stream proxy as one process (no master: callgrind follows it), same backends."""
+    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in HTTP_BACKENDS)
+    conf = write(f"{target}.conf", f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+master_process off;
+daemon off;
+pid {tmp}/{target}.pid;
+error_log {tmp}/{target}.log warn;
+events {{ worker_connections 4000; }}
+stream {{
+  upstream http {{
+{servers}
+  }}
+  server {{ listen 127.0.0.1:{PORTS[target][0]}; proxy_pass http; }}
+}}
+""")
+    return start(list(wrapper) + ["nginx", "-c", conf, "-p", tmp])
+
+
 def instructions_per_request(binary, target, close):
-    """Instructions l4lb's own code (user space: l4lb and libc, every thread) executes per
-    proxied connection (close) or keep-alive request, counted by callgrind over one wrk run
-    after a warm-up. Unlike time, the count repeats from run to run on this noisy machine
-    (within a few percent: the scheduling of the tasks varies), so it is how a change to
-    the per-connection code is judged. The kernel's work is not counted. None without
+    """Instructions a proxy's own code (user space: the program and libc, every thread)
+    executes per proxied connection (close) or keep-alive request, counted by callgrind over
+    one wrk run after a warm-up. Unlike time, the count repeats from run to run on this
+    noisy machine (within about 1%), so it is how a change to the per-connection code is
+    judged. The kernel's work is not counted. `binary` None means nginx. None without
     valgrind."""
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         return None
     out = os.path.join(tmp, f"callgrind-{target}-{close}.out")
     grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
-    p = start_l4lb(binary, target, wrapper=grind)
+    p = start_nginx_alone(target, grind) if binary is None else start_l4lb(binary, target, wrapper=grind)
     url = f"http://127.0.0.1:{PORTS[target][0]}/"
     w = ["wrk", "-t", "1", "-c", "16", "-d", f"{SECONDS}s"] + (["-H", "Connection: close"] if close else [])
     try:
@@ -565,16 +586,17 @@ def main():
         segments = [segments_per_connection(PORTS[t][0]) for t in ("direct", "l4lb", "haproxy", "nginx")]
         print("| segments | " + " | ".join(fmt(v) for v in segments) + " |")
     if not ONLY or "instructions" in ONLY:
-        # l4lb's own share of the connection rows, free of this VM's noise.
-        binaries = [("l4lb", L4LB)] + ([("base", BASELINE)] if BASELINE else [])
-        print("\n| l4lb's own instructions (callgrind, user space) | " + " | ".join(n for n, _ in binaries)
-              + (" | l4lb/base |" if BASELINE else " |"))
-        print("|---|" + "---|" * (len(binaries) + (1 if BASELINE else 0)))
+        # The proxy's own share of the connection rows, free of this VM's noise.
+        binaries = [("l4lb", L4LB)] + ([("base", BASELINE)] if BASELINE else []) + [("nginx", None)]
+        print("\n| own instructions (callgrind, user space) | " + " | ".join(n for n, _ in binaries)
+              + (" | l4lb/base" if BASELINE else "") + " | l4lb/nginx |")
+        print("|---|" + "---|" * (len(binaries) + (2 if BASELINE else 1)))
         for label, close in (("per connection (close)", True), ("per keep-alive request", False)):
-            counts = [instructions_per_request(b, f"{n}-callgrind", close) for n, b in binaries]
-            cells = [f"{c:,.0f}" if c else "-" for c in counts]
+            counts = {n: instructions_per_request(b, f"{n}-callgrind", close) for n, b in binaries}
+            cells = [f"{counts[n]:,.0f}" if counts[n] else "-" for n, _ in binaries]
             if BASELINE:
-                cells.append(ratio(counts[0], counts[1]))
+                cells.append(ratio(counts["l4lb"], counts["base"]))
+            cells.append(ratio(counts["l4lb"], counts["nginx"]))
             print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n{ROUNDS} rounds, {SECONDS}s per run, {WORKERS} workers each, medians; {time.time() - started:.0f}s in all")
     print(f"l4lb ran with its default log level and its admin endpoint scraped once a second ({scrapes['ok']} scrapes, {scrapes['failed']} failed)")
