@@ -404,25 +404,38 @@ mod tests {
 
     impl std::error::Error for Inner {}
 
+    /// The lines one layer writes for [`emit_access_like_events`]. One subscriber per
+    /// layer: two layers with the same field formatter in one subscriber would both append
+    /// a span's later-recorded fields to the one shared copy.
+    fn lines_of<L>(layer: impl FnOnce(Captured) -> L) -> Vec<String>
+    where
+        L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+    {
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(layer(out.clone()));
+        tracing::subscriber::with_default(subscriber, emit_access_like_events);
+        out.lines()
+    }
+
+    /// What [`TextLine`] with [`TextFields`] writes, with colours or without.
+    fn text_line_lines(ansi: bool) -> Vec<String> {
+        lines_of(|w| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .event_format(TextLine::default())
+                .fmt_fields(TextFields)
+                .with_writer(w)
+        })
+    }
+
     #[test]
     fn writes_what_the_generic_full_format_writes() {
-        let generic = Captured::default();
-        let fast = Captured::default();
-        let subscriber = tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(generic.clone()),
-            )
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .event_format(TextLine::default())
-                    .fmt_fields(TextFields)
-                    .with_writer(fast.clone()),
-            );
-        tracing::subscriber::with_default(subscriber, emit_access_like_events);
-        let (generic, fast) = (generic.lines(), fast.lines());
+        let generic = lines_of(|w| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(w)
+        });
+        let fast = text_line_lines(false);
         assert_eq!(generic.len(), 6, "{generic:?}");
         assert_eq!(fast.len(), generic.len(), "{fast:?}");
         for (g, f) in generic.iter().zip(&fast) {
@@ -453,26 +466,13 @@ mod tests {
     /// left plain.
     #[test]
     fn with_colours_is_the_generic_format_with_plain_field_names() {
-        // One subscriber each: two layers with the same field formatter in one subscriber
-        // would both append a span's later-recorded fields to the one shared copy.
-        let generic = Captured::default();
-        let fast = Captured::default();
-        let subscriber = tracing_subscriber::registry().with(
+        let generic = lines_of(|w| {
             tracing_subscriber::fmt::layer()
                 .with_ansi(true)
                 .fmt_fields(TextFields)
-                .with_writer(generic.clone()),
-        );
-        tracing::subscriber::with_default(subscriber, emit_access_like_events);
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(true)
-                .event_format(TextLine::default())
-                .fmt_fields(TextFields)
-                .with_writer(fast.clone()),
-        );
-        tracing::subscriber::with_default(subscriber, emit_access_like_events);
-        let (generic, fast) = (generic.lines(), fast.lines());
+                .with_writer(w)
+        });
+        let fast = text_line_lines(true);
         assert_eq!(fast.len(), 6, "{fast:?}");
         for (g, f) in generic.iter().zip(&fast) {
             assert_eq!(after_timestamp(f), after_timestamp(g));
