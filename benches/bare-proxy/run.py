@@ -2,6 +2,10 @@
 l4lb, HAProxy and nginx stream in the same rounds (benches/compare.py's backends, proxies and measurements): new connections per
 second (32 and 256 conns, `Connection: close`), keep-alive requests (64 conns) with p99,
 the proxy's CPU seconds per 100k requests, syscalls and segments per connection.
+With the argument `udp` (run.sh udp), the UDP experiment instead: bare-proxy's UDP
+forwarder (`udp`: GSO sends as l4lb makes them, `udp-mmsg`: sendmmsg only) beside l4lb,
+nginx stream and the backend directly, iperf3 64-byte datagrams with 1 and 16 flows, and
+each proxy's CPU per datagram.
 Run through run.sh, which builds both binaries."""
 import os
 import shutil
@@ -15,6 +19,8 @@ from compare import fmt, med, ratio  # noqa: E402
 BARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "target", "release", "bare-proxy")
 c.PORTS["uring"] = (18105, None)
 c.PORTS["epoll"] = (18106, None)
+c.PORTS["udp"] = (None, 15208)
+c.PORTS["udp-mmsg"] = (None, 15209)
 TARGETS = ["l4lb", "uring", "epoll", "haproxy", "nginx"]
 
 
@@ -67,9 +73,44 @@ def main():
     print(f"\n{c.ROUNDS} rounds, {c.SECONDS}s per run, {c.WORKERS} workers each, medians; {time.time() - started:.0f}s")
 
 
+def main_udp():
+    c.start_backends()
+    pids = c.start_proxies()
+    for mode in ("udp", "udp-mmsg"):
+        bare = c.start([BARE, mode, str(c.WORKERS), str(c.PORTS[mode][1]), str(c.IPERF)])
+        pids[mode] = [bare.pid]
+        c.wait_port(c.PORTS[mode][1])
+    pids["direct"] = []
+    targets = ["direct", "l4lb", "udp", "udp-mmsg", "nginx"]
+    rows = {}
+    started = time.time()
+    for rnd in range(c.ROUNDS):
+        for flows in ("1", "16"):
+            for t in targets:
+                before = c.cpu_seconds(pids[t]) if pids[t] else 0
+                d = c.iperf(c.PORTS[t][1], "-u", "-b", "0", "-l", "64", "-P", flows)
+                spent = c.cpu_seconds(pids[t]) - before if pids[t] else None
+                s = d and d["end"]["sum"]
+                got = s and s["packets"] - s["lost_packets"]
+                label = f"udp 64B, {flows} flow{'s' if flows != '1' else ''}"
+                rows.setdefault(f"{label} (k datagrams/s)", {}).setdefault(t, []).append(
+                    got / s["seconds"] / 1e3 if got else None)
+                rows.setdefault(f"{label}: lost %", {}).setdefault(t, []).append(s and s["lost_percent"])
+                rows.setdefault(f"{label}: proxy CPU us per datagram", {}).setdefault(t, []).append(
+                    spent / got * 1e6 if got and spent is not None else None)
+        print(f"round {rnd + 1}/{c.ROUNDS} done ({time.time() - started:.0f}s)", file=sys.stderr)
+    print("| scenario | direct | l4lb | bare udp (GSO) | bare udp (sendmmsg) | nginx | l4lb/bare | bare/nginx | l4lb/nginx |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, per in rows.items():
+        m = {t: med(per.get(t, [])) for t in targets}
+        print(f"| {name} | " + " | ".join(fmt(m[t]) for t in targets)
+              + f" | {ratio(m['l4lb'], m['udp'])} | {ratio(m['udp'], m['nginx'])} | {ratio(m['l4lb'], m['nginx'])} |")
+    print(f"\n{c.ROUNDS} rounds, {c.SECONDS}s per run, {c.WORKERS} workers each, medians; {time.time() - started:.0f}s")
+
+
 if __name__ == "__main__":
     try:
-        main()
+        main_udp() if sys.argv[1:] == ["udp"] else main()
     finally:
         c.stop_all()
         shutil.rmtree(c.tmp, ignore_errors=True)

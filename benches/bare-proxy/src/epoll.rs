@@ -6,7 +6,7 @@
 use std::os::fd::RawFd;
 
 use crate::slots::{Buffers, Slots};
-use crate::{backend_socket, BUFFER};
+use crate::{backend_socket, errno, BUFFER};
 
 const LISTENER: u64 = u64::MAX;
 
@@ -32,10 +32,6 @@ pub struct Worker {
     backends: Vec<libc::sockaddr_in>,
     next_backend: usize,
     conns: Slots<Conn>,
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 impl Worker {

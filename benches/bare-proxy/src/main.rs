@@ -13,10 +13,14 @@
 //! reload): it measures the ceiling of each design on this machine, so that the verdict
 //! does not depend on how much of l4lb would have to be rewritten to get it.
 //!
-//! Usage: bare-proxy <uring|epoll> <workers> <listen-port> <backend-port>...
+//! `udp` and `udp-mmsg` do the same for UDP datagrams (see udp.rs), beside one epoll TCP
+//! worker on the same port for iperf3's control connection.
+//!
+//! Usage: bare-proxy <uring|epoll|udp|udp-mmsg> <workers> <listen-port> <backend-port>...
 
 mod epoll;
 mod slots;
+mod udp;
 mod uring;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -76,11 +80,19 @@ fn sockaddr(port: u16) -> libc::sockaddr_in {
     }
 }
 
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() < 4 || !["uring", "epoll"].contains(&args[0].as_str()) {
-        eprintln!("usage: bare-proxy <uring|epoll> <workers> <listen-port> <backend-port>...");
+    let modes = ["uring", "epoll", "udp", "udp-mmsg"];
+    if args.len() < 4 || !modes.contains(&args[0].as_str()) {
+        eprintln!("usage: bare-proxy <uring|epoll|udp|udp-mmsg> <workers> <listen-port> <backend-port>...");
         std::process::exit(2);
+    }
+    if args[0].starts_with("udp") {
+        return udp_main(&args);
     }
     let uring = args[0] == "uring";
     let workers: usize = args[1].parse().expect("workers");
@@ -102,6 +114,29 @@ fn main() {
             })
         })
         .collect();
+    for t in threads {
+        t.join().expect("worker");
+    }
+}
+
+/// UDP workers, and one TCP worker for iperf3's control connection on the same port.
+fn udp_main(args: &[String]) {
+    let send = if args[0] == "udp" {
+        udp::Send::Gso
+    } else {
+        udp::Send::Mmsg
+    };
+    let workers: usize = args[1].parse().expect("workers");
+    let port: u16 = args[2].parse().expect("listen port");
+    let backend = sockaddr(args[3].parse().expect("backend port"));
+    let control = listener(port, true);
+    let mut threads = vec![std::thread::spawn(move || {
+        epoll::Worker::new(control, vec![backend]).run()
+    })];
+    threads.extend((0..workers).map(|_| {
+        let worker = udp::Worker::new(port, backend, send);
+        std::thread::spawn(move || worker.run())
+    }));
     for t in threads {
         t.join().expect("worker");
     }
