@@ -94,7 +94,7 @@ def main_udp():
                 got = s and s["packets"] - s["lost_packets"]
                 label = f"udp 64B, {flows} flow{'s' if flows != '1' else ''}"
                 rows.setdefault(f"{label} (k datagrams/s)", {}).setdefault(t, []).append(
-                    got / s["seconds"] / 1e3 if got else None)
+                    got / s["seconds"] / 1e3 if s else None)
                 rows.setdefault(f"{label}: lost %", {}).setdefault(t, []).append(s and s["lost_percent"])
                 rows.setdefault(f"{label}: proxy CPU us per datagram", {}).setdefault(t, []).append(
                     spent / got * 1e6 if got and spent is not None else None)
@@ -103,8 +103,9 @@ def main_udp():
     print("|---|---|---|---|---|---|---|---|---|")
     for name, per in rows.items():
         m = {t: med(per.get(t, [])) for t in targets}
-        print(f"| {name} | " + " | ".join(fmt(m[t]) for t in targets)
-              + f" | {ratio(m['l4lb'], m['udp'])} | {ratio(m['udp'], m['nginx'])} | {ratio(m['l4lb'], m['nginx'])} |")
+        ratios = ("", "", "") if "lost" in name else (
+            ratio(m["l4lb"], m["udp"]), ratio(m["udp"], m["nginx"]), ratio(m["l4lb"], m["nginx"]))
+        print(f"| {name} | " + " | ".join(fmt(m[t]) for t in targets) + " | " + " | ".join(ratios) + " |")
     print(f"\n{c.ROUNDS} rounds, {c.SECONDS}s per run, {c.WORKERS} workers each, medians; {time.time() - started:.0f}s")
 
 
