@@ -6,7 +6,7 @@
 use std::os::fd::RawFd;
 
 use crate::slots::{Buffers, Slots};
-use crate::{backend_socket, errno, BUFFER};
+use crate::{backend_socket, errno, wait_events, BUFFER};
 
 const LISTENER: u64 = u64::MAX;
 
@@ -171,16 +171,8 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
         loop {
-            // SAFETY: the buffer holds `events.len()` entries.
-            let n = unsafe {
-                libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as i32, -1)
-            };
-            if n < 0 {
-                // A signal (strace attaching, say) interrupts the wait; nothing is lost.
-                assert_eq!(errno(), libc::EINTR, "epoll_wait");
-                continue;
-            }
-            for event in &events[..n as usize] {
+            let n = wait_events(self.epoll, &mut events);
+            for event in &events[..n] {
                 let (data, flags) = (event.u64, event.events);
                 self.event(data, flags);
             }

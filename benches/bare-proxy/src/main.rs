@@ -84,6 +84,18 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// Waits for events on `epoll`; how many were written to `events` (0 when a signal, strace
+/// attaching say, interrupted the wait: nothing is lost).
+fn wait_events(epoll: RawFd, events: &mut [libc::epoll_event]) -> usize {
+    // SAFETY: the buffer holds `events.len()` entries.
+    let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, -1) };
+    if n < 0 {
+        assert_eq!(errno(), libc::EINTR, "epoll_wait");
+        return 0;
+    }
+    n as usize
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let modes = ["uring", "epoll", "udp", "udp-mmsg"];

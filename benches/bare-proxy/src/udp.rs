@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 
-use crate::errno;
+use crate::{errno, wait_events};
 
 const BATCH: usize = 32;
 /// Longer datagrams are cut (the benchmark sends 64 bytes); l4lb's slots hold 64 KiB, and a
@@ -281,15 +281,8 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
         loop {
-            // SAFETY: the buffer holds `events.len()` entries.
-            let n = unsafe {
-                libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as i32, -1)
-            };
-            if n < 0 {
-                assert_eq!(errno(), libc::EINTR, "epoll_wait");
-                continue;
-            }
-            for event in &events[..n as usize] {
+            let n = wait_events(self.epoll, &mut events);
+            for event in &events[..n] {
                 match event.u64 {
                     LISTENER => self.receive(),
                     flow => self.reply(flow as usize),
